@@ -1,0 +1,11 @@
+"""crossbow_jax: CROSSBOW on JAX.
+
+Many small-batch model replicas ("learners") per device, kept together by
+Synchronous Model Averaging (SMA).
+"""
+
+from crossbow_jax.transformation import SMAState, SSGDState, sma, sma_average, ssgd
+
+__version__ = "0.1.0"
+
+__all__ = ["SMAState", "SSGDState", "sma", "sma_average", "ssgd", "__version__"]

@@ -1,0 +1,84 @@
+"""One device axis, two mappers: `jax.shard_map` (default) and `jax.pmap`.
+
+Everything the engine maps over devices carries an explicit leading device
+axis in its global shape: parameters are `(devices, learners, ...)`, the
+central model `(devices, ...)`. The per-device function sees that axis
+removed, whichever mapper runs it, so the same function gives the same
+results under both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DEVICE_AXIS = "devices"
+MAPPERS = ("shard_map", "pmap")
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None, axis_name: str = DEVICE_AXIS) -> Mesh:
+    """A 1-D mesh over `devices` (default: all devices) with one named axis.
+
+    The axis is `Auto`, so jitted code may reshard implicitly and results can
+    be indexed like ordinary arrays.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("devices is empty; pass at least one jax device")
+    return Mesh(np.asarray(devices), (axis_name,), axis_types=(AxisType.Auto,))
+
+
+def device_map(
+    fn: Callable[..., Any],
+    mesh: Mesh,
+    mapper: str = "shard_map",
+    **pmap_kwargs: Any,
+) -> Callable[..., Any]:
+    """Maps a per-device function over the mesh's one axis.
+
+    Arguments and results of the returned function carry a leading axis of
+    size `mesh.size`; `fn` sees one slice of it. Inside `fn` the device axis
+    is named `mesh.axis_names[0]`, for `lax.psum` and friends.
+
+    Args:
+        fn: the per-device function.
+        mesh: a 1-D mesh, e.g. from `make_mesh`.
+        mapper: "shard_map" (default) or "pmap".
+        **pmap_kwargs: extra arguments for `jax.pmap` (e.g. `donate_argnums`).
+
+    Returns:
+        The mapped function (under "shard_map", wrap it in `jax.jit`).
+    """
+    if mapper not in MAPPERS:
+        raise ValueError(f"mapper={mapper!r} is not one of {MAPPERS}")
+    if len(mesh.axis_names) != 1:
+        raise ValueError(f"mesh has axes {mesh.axis_names}; device_map needs a 1-D mesh")
+    (axis,) = mesh.axis_names
+    if mapper == "pmap":
+        return jax.pmap(fn, axis_name=axis, devices=list(mesh.devices.flat), **pmap_kwargs)
+
+    def per_device(*args):
+        out = fn(*jax.tree.map(lambda x: x[0], args))
+        return jax.tree.map(lambda x: x[None], out)
+
+    return jax.shard_map(per_device, mesh=mesh, in_specs=P(axis), out_specs=P(axis))
+
+
+def device_sharding(mesh: Mesh) -> NamedSharding:
+    """The sharding of arrays with a leading device axis."""
+    return NamedSharding(mesh, P(mesh.axis_names[0]))
+
+
+def put_on_devices(tree: Any, mesh: Mesh) -> Any:
+    """Places arrays with a leading device axis, one slice per device."""
+    return jax.device_put(tree, device_sharding(mesh))
+
+
+def replicate(tree: Any, n: int) -> Any:
+    """Stacks n copies of every leaf along a new leading axis."""
+    return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x)[None], (n,) + np.shape(x)), tree)

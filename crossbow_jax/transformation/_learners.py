@@ -1,0 +1,110 @@
+"""Helpers shared by the learner transformations: the stacked learner axis.
+
+Every parameter leaf handed to `sma` or `ssgd` carries a leading axis that
+indexes the learners held on this device. These helpers check that axis, count
+learners across devices, and reduce over learners hierarchically: a plain sum
+over the stacked axis on each device, then one `lax.psum` over the device axis
+(a single collective over a tuple of a vmap axis and a mesh axis is a known
+failure under `shard_map`, see BRIEF §3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+
+def learners_on_device(tree: Any, what: str = "params") -> int:
+    """Returns m, the size of the leading learner axis shared by all leaves.
+
+    Args:
+        tree: a pytree whose every leaf has shape `(m, ...)`.
+        what: a name for the tree, used in error messages.
+
+    Raises:
+        ValueError: if the tree is empty, a leaf is a scalar, or leaves disagree.
+    """
+    leaves = jax.tree_util.tree_leaves(tree)
+    if not leaves:
+        raise ValueError(f"{what} is an empty pytree; pass the stacked learner parameters")
+    sizes = set()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        shape = jnp.shape(leaf)
+        if len(shape) == 0:
+            raise ValueError(
+                f"{what} leaf {jax.tree_util.keystr(path)} is a scalar; every leaf needs a "
+                "leading learner axis (stack learners with jax.vmap or x[None] for one learner)"
+            )
+        sizes.add(shape[0])
+    if len(sizes) != 1:
+        raise ValueError(
+            f"{what} leaves have different leading learner axes {sorted(sizes)}; every leaf "
+            "must have the same leading axis m (learners on this device)"
+        )
+    (m,) = sizes
+    if m < 1:
+        raise ValueError(f"{what} has a learner axis of size 0; use at least one learner")
+    return m
+
+
+def check_same_learners(params: Any, updates: Any) -> int:
+    """Checks that `updates` and `params` have one and the same learner axis."""
+    if params is None:
+        raise ValueError(
+            "params is None; learner transformations need the current "
+            "learner parameters: call update(grads, state, params)"
+        )
+    m = learners_on_device(params, "params")
+    mu = learners_on_device(updates, "updates")
+    if mu != m:
+        raise ValueError(
+            f"updates have {mu} learners but params have {m}; both need the same "
+            "leading learner axis"
+        )
+    return m
+
+
+def device_count(axis_name: Hashable | None) -> int:
+    """The number of devices along `axis_name` (1 when None). Static."""
+    if axis_name is None:
+        return 1
+    return lax.axis_size(axis_name)
+
+
+def sum_over_learners(tree: Any, axis_name: Hashable | None) -> Any:
+    """Sums over the learner axis here, then over devices with one psum."""
+    local = jax.tree.map(lambda x: jnp.sum(x, axis=0), tree)
+    if axis_name is None:
+        return local
+    return lax.psum(local, axis_name)
+
+
+def as_extra_args(optimizer: Any) -> optax.GradientTransformationExtraArgs:
+    """Accepts any optax transformation (or `optax.MultiSteps`) as a learner optimiser."""
+    if hasattr(optimizer, "gradient_transformation") and callable(
+        optimizer.gradient_transformation
+    ):
+        optimizer = optimizer.gradient_transformation()
+    if not (
+        callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))
+    ):
+        raise TypeError(
+            f"learner_optimizer must be an optax GradientTransformation, got "
+            f"{type(optimizer).__name__}; e.g. optax.sgd(0.05, momentum=0.9)"
+        )
+    return optax.with_extra_args_support(optimizer)
+
+
+def first_learner(tree: Any) -> Any:
+    """The leaves of learner 0 (drops the learner axis)."""
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def broadcast_to_learners(tree: Any, m: int) -> Any:
+    """Repeats every leaf along a new leading learner axis of size m."""
+    return jax.tree.map(lambda x: jnp.broadcast_to(x[None], (m,) + jnp.shape(x)), tree)

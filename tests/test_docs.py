@@ -1,0 +1,34 @@
+"""The docs cannot rot: every ```python block under docs/ and every docstring
+example in the public modules runs here."""
+
+import doctest
+import importlib
+import pathlib
+import re
+
+import pytest
+
+DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
+BLOCK = re.compile(r"```python\n(.*?)```", re.S)
+DOCTEST_MODULES = [
+    "crossbow_jax.transformation.sma",
+    "crossbow_jax.transformation.ssgd",
+]
+
+
+def doc_blocks():
+    for path in sorted(DOCS.glob("*.md")):
+        for i, block in enumerate(BLOCK.findall(path.read_text())):
+            yield pytest.param(block, id=f"{path.name}[{i}]")
+
+
+@pytest.mark.parametrize("code", list(doc_blocks()))
+def test_docs_python_blocks_run(code, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "<docs>", "exec"), {"__name__": "__docs__"})
+
+
+@pytest.mark.parametrize("name", DOCTEST_MODULES)
+def test_docstring_examples(name):
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
