@@ -4,8 +4,21 @@ Many small-batch model replicas ("learners") per device, kept together by
 Synchronous Model Averaging (SMA).
 """
 
+from crossbow_jax.engine import ConfigError, TrainConfig, TrainingDiverged, TrainResult, train
 from crossbow_jax.transformation import SMAState, SSGDState, sma, sma_average, ssgd
 
 __version__ = "0.1.0"
 
-__all__ = ["SMAState", "SSGDState", "sma", "sma_average", "ssgd", "__version__"]
+__all__ = [
+    "ConfigError",
+    "SMAState",
+    "SSGDState",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDiverged",
+    "__version__",
+    "sma",
+    "sma_average",
+    "ssgd",
+    "train",
+]

@@ -75,10 +75,30 @@ def device_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def put_on_devices(tree: Any, mesh: Mesh) -> Any:
-    """Places arrays with a leading device axis, one slice per device."""
-    return jax.device_put(tree, device_sharding(mesh))
+    """Places host arrays with a leading device axis, one slice per device.
+
+    Every process passes the same global array; each device receives only its
+    slice (`jax.make_array_from_callback`), so this works across hosts too.
+    """
+    sharding = device_sharding(mesh)
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree)
+
+
+def first_device(tree: Any) -> Any:
+    """The slice held by this process's first device, as NumPy (no device axis)."""
+
+    def read(x):
+        shard = min(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+        return np.asarray(shard.data)[0]
+
+    return jax.tree.map(read, tree)
 
 
 def replicate(tree: Any, n: int) -> Any:
-    """Stacks n copies of every leaf along a new leading axis."""
+    """n copies of every leaf along a new leading axis (a view: no host copy)."""
     return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x)[None], (n,) + np.shape(x)), tree)

@@ -1,0 +1,117 @@
+"""Resolve what the user passed (names or arrays) into a model and checked arrays."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import numpy as np
+
+from crossbow_jax.engine.config import ConfigError
+from crossbow_jax.engine.step import Preprocess
+
+
+@dataclasses.dataclass(frozen=True)
+class Arrays:
+    """Training and test arrays in the layout the engine uses (NHWC or (N, F))."""
+
+    name: str
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray | None
+    test_y: np.ndarray | None
+    num_classes: int
+    preprocess: Preprocess
+
+
+def _pair(value: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ConfigError(
+            f"{what} must be a dataset name or a pair (images, labels), got {type(value).__name__}"
+        )
+    x, y = (np.asarray(v) for v in value)
+    if x.ndim == 3:  # (N, H, W): one channel
+        x = x[..., None]
+    if x.ndim not in (2, 4):
+        raise ConfigError(
+            f"{what} images have shape {x.shape}; use (N, H, W, C) images or (N, features)"
+        )
+    if y.ndim != 1 or len(y) != len(x):
+        raise ConfigError(
+            f"{what} labels have shape {y.shape} for {len(x)} examples; "
+            "pass one integer label per example"
+        )
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ConfigError(f"{what} labels have dtype {y.dtype}; pass integer class labels")
+    if len(x) == 0:
+        raise ConfigError(f"{what} set is empty")
+    return x, y.astype(np.int32)
+
+
+def resolve_data(
+    train: Any, test: Any, *, data_dir: str | None = None, augment: str | None = None
+) -> Arrays:
+    """Loads a named dataset or checks user arrays; fails before any work."""
+    if isinstance(train, str):
+        from crossbow_jax import data as datasets
+
+        if test is not None and not isinstance(test, str):
+            raise ConfigError("train is a dataset name, so test must be None or the same name")
+        if isinstance(test, str) and test != train:
+            raise ConfigError(
+                f"test={test!r} differs from train={train!r}; a named dataset "
+                "brings its own test split"
+            )
+        ds = datasets.load_dataset(train, data_dir=data_dir)
+        info = ds.info
+        pre = Preprocess(1 / 255, tuple(info.mean), tuple(info.std), augment or info.augment)
+        return Arrays(
+            info.name,
+            ds.train_images,
+            ds.train_labels.astype(np.int32),
+            ds.test_images,
+            ds.test_labels.astype(np.int32),
+            info.num_classes,
+            pre,
+        )
+
+    x, y = _pair(train, "train")
+    tx = ty = None
+    if test is not None:
+        tx, ty = _pair(test, "test")
+        if tx.shape[1:] != x.shape[1:]:
+            raise ConfigError(
+                f"test examples have shape {tx.shape[1:]} but train examples "
+                f"have {x.shape[1:]}; both sets need the same shape"
+            )
+    num_classes = int(max(y.max(), ty.max() if ty is not None else 0)) + 1
+    if y.min() < 0 or (ty is not None and ty.min() < 0):
+        raise ConfigError("labels must be >= 0 (class indices)")
+    if augment not in (None, "crop_flip"):
+        raise ConfigError(f"augment={augment!r} is not one of None, 'crop_flip'")
+    if augment and x.ndim != 4:
+        raise ConfigError("augment='crop_flip' needs (N, H, W, C) images")
+    if x.dtype == np.uint8:
+        channels = x.reshape(-1, x.shape[-1]) / 255.0
+        mean = tuple(float(v) for v in channels.mean(0))
+        std = tuple(float(v) + 1e-8 for v in channels.std(0))
+        pre = Preprocess(1 / 255, mean, std, augment)
+    else:
+        x = x.astype(np.float32)
+        tx = None if tx is None else tx.astype(np.float32)
+        pre = Preprocess(None, None, None, augment)
+    return Arrays("arrays", x, y, tx, ty, num_classes, pre)
+
+
+def resolve_model(model: Any, num_classes: int, dtype: str) -> nn.Module:
+    """A Flax Linen module, or a model name known to `crossbow_jax.models`."""
+    if isinstance(model, str):
+        from crossbow_jax import models
+
+        return models.get_model(model, num_classes=num_classes, dtype=dtype)
+    if isinstance(model, nn.Module):
+        return model
+    raise ConfigError(
+        f"model must be a flax.linen.Module or a model name, got {type(model).__name__}"
+    )

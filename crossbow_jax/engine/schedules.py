@@ -1,0 +1,41 @@
+"""Learning-rate schedules counted in epochs, and the default learner optimiser."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import optax
+
+from crossbow_jax.engine.config import TrainConfig
+
+
+def milestone_steps(config: TrainConfig, steps_per_epoch: int) -> list[int]:
+    """The global steps at which the learning rate drops."""
+    return [max(1, round(e * steps_per_epoch)) for e in config.lr_milestones]
+
+
+def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
+    """Linear warm-up, then `lr_gamma` at each milestone (multistep)."""
+    drops = jnp.asarray(milestone_steps(config, steps_per_epoch) or [-1], jnp.int32)
+    warmup = round(config.warmup_epochs * steps_per_epoch)
+    base, gamma = config.learning_rate, config.lr_gamma
+    have_drops = bool(config.lr_milestones)
+
+    def schedule(count):
+        lr = jnp.asarray(base, jnp.float32)
+        if have_drops:
+            lr = lr * gamma ** jnp.sum(count >= drops)
+        if warmup:
+            lr = lr * jnp.minimum(1.0, (count + 1) / warmup)
+        return lr
+
+    return schedule
+
+
+def default_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    """The original CROSSBOW learner: weight decay, then SGD with momentum."""
+    sgd = optax.sgd(
+        learning_rate_schedule(config, steps_per_epoch), momentum=config.momentum or None
+    )
+    if config.weight_decay:
+        return optax.chain(optax.add_decayed_weights(config.weight_decay), sgd)
+    return sgd

@@ -1,0 +1,50 @@
+"""Small learnable problems and models for the engine tests."""
+
+import flax.linen as nn
+import numpy as np
+
+
+class MLP(nn.Module):
+    classes: int = 4
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape((x.shape[0], -1))
+        return nn.Dense(self.classes)(nn.relu(nn.Dense(32)(x)))
+
+
+class BNNet(nn.Module):
+    """Dense + BatchNorm + dropout: exercises batch_stats and the dropout rng."""
+
+    classes: int = 4
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = x.reshape((x.shape[0], -1))
+        x = nn.Dense(32)(x)
+        x = nn.BatchNorm(use_running_average=not train)(x)
+        x = nn.Dropout(0.1, deterministic=not train)(nn.relu(x))
+        return nn.Dense(self.classes)(x)
+
+
+def blobs(n=1024, classes=4, dim=8, seed=0, scale=3.0):
+    """Gaussian blobs: class c is centred on a random point; learnable in a few epochs."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, dim)) * scale
+    y = rng.integers(0, classes, size=n).astype(np.int32)
+    x = (centres[y] + rng.normal(size=(n, dim))).astype(np.float32)
+    return x, y
+
+
+def split(n_train=768, n_test=256, **kw):
+    x, y = blobs(n_train + n_test, **kw)
+    return (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
+
+
+def tiny_images(n=256, seed=0):
+    """uint8 8x8x3 images whose class is the brightest channel."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, size=n).astype(np.int32)
+    x = rng.integers(0, 120, size=(n, 8, 8, 3))
+    x[np.arange(n), :, :, y] += 120
+    return x.astype(np.uint8), y
