@@ -149,7 +149,7 @@ class Programs:
             )
         outs = [
             self._learner_grads(
-                jax.tree.map(lambda p: p[j], params), batch_stats, x[j], y[j], keys[j]
+                jax.tree.map(lambda p, j=j: p[j], params), batch_stats, x[j], y[j], keys[j]
             )
             for j in range(self.layout.learners)
         ]

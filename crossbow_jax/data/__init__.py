@@ -1,0 +1,29 @@
+"""Data sets by name, real data wherever it can be had, cached on disk.
+
+    from crossbow_jax.data import load_dataset
+    ds = load_dataset("mnist")          # Dataset: uint8 NHWC images, int32 labels, info
+
+Names: `mnist`, `fashion_mnist`, `fashion_mnist32` (Fashion-MNIST padded to
+CIFAR's 32x32x3, a stand-in for CIFAR-10), `cifar10`, `cifar100`,
+`imagenet` (streamed: `load_imagenet`), `synthetic`. See `docs/data.md`.
+"""
+
+from crossbow_jax.data._core import Dataset, DatasetError, DatasetInfo, DatasetSpec, DownloadError
+from crossbow_jax.data._fetch import default_cache_dir
+from crossbow_jax.data.imagenet import ImageNetSource, load_imagenet
+from crossbow_jax.data.registry import DATASETS, dataset_names, load_dataset, prepare
+
+__all__ = [
+    "DATASETS",
+    "Dataset",
+    "DatasetError",
+    "DatasetInfo",
+    "DatasetSpec",
+    "DownloadError",
+    "ImageNetSource",
+    "dataset_names",
+    "default_cache_dir",
+    "load_dataset",
+    "load_imagenet",
+    "prepare",
+]
