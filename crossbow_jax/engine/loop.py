@@ -161,6 +161,10 @@ class Run:
     ):
         self.config = cfg = config
         self.callback = callback
+        if isinstance(model, str):  # a bad name fails before the data is loaded
+            from crossbow_jax.models import get_spec
+
+            get_spec(model)
         self.checkpointer = Checkpointer(cfg.checkpoint_dir, cfg) if cfg.checkpoint_dir else None
         self.data = resolve_data(train, test, data_dir=data_dir, augment=augment)
         self.mesh = mapping.make_mesh(select_devices(cfg.num_devices))

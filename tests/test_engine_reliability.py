@@ -1,0 +1,188 @@
+"""Checkpoints, resume after a kill, bad input before any work, divergence."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import crossbow_jax
+from _engine_fixtures import MLP, split
+from _resume_child import RESUME_KW
+from crossbow_jax.engine import loop
+from crossbow_jax.engine.config import ConfigError
+
+TRAIN, TEST = split()
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def checkpoint_steps(run_dir):
+    folder = pathlib.Path(run_dir) / "checkpoints"
+    return (
+        sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+    )
+
+
+def test_killed_run_resumes_bit_identical(tmp_path):
+    run_dir = tmp_path / "run"
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=str(HERE),
+    )
+    child = subprocess.Popen(
+        [sys.executable, str(HERE / "_resume_child.py"), str(run_dir)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.time() + 120
+        while not checkpoint_steps(run_dir) and time.time() < deadline:
+            assert child.poll() is None, child.stdout.read().decode()[-2000:]
+            time.sleep(0.05)
+        assert checkpoint_steps(run_dir), "no checkpoint within 120 s"
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    killed_at = checkpoint_steps(run_dir)[-1]
+    total = 4 * (768 // 32)
+    assert killed_at < total, "the child finished before it was killed"
+
+    logged = []
+    resumed = crossbow_jax.train(
+        MLP(),
+        TRAIN,
+        TEST,
+        checkpoint_dir=str(run_dir),
+        resume=True,
+        callback=logged.append,
+        **RESUME_KW,
+    )
+    assert min(row["step"] for row in logged) > killed_at  # it went on, not from scratch
+    straight = crossbow_jax.train(MLP(), TRAIN, TEST, **RESUME_KW)
+    for a, b in zip(leaves(resumed.params), leaves(straight.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert resumed.accuracy == straight.accuracy
+    assert resumed.steps == straight.steps == total
+    steps = [row["step"] for row in resumed.history]
+    assert steps == sorted(set(steps)) and steps[-1] == total and steps[0] < killed_at
+
+
+def test_finished_run_folder_needs_resume_and_the_same_config(tmp_path):
+    kw = dict(RESUME_KW, epochs=1, progress=False)
+    crossbow_jax.train(MLP(), TRAIN, TEST, checkpoint_dir=str(tmp_path), **kw)
+    before = checkpoint_steps(tmp_path)
+    with pytest.raises(ConfigError, match="already holds a run; pass resume=True"):
+        crossbow_jax.train(MLP(), TRAIN, TEST, checkpoint_dir=str(tmp_path), **kw)
+    with pytest.raises(ConfigError, match=r"another config \(batch_size: 8 -> 16"):
+        crossbow_jax.train(
+            MLP(), TRAIN, TEST, checkpoint_dir=str(tmp_path), resume=True, **dict(kw, batch_size=16)
+        )
+    assert checkpoint_steps(tmp_path) == before  # nothing written is lost
+    longer = crossbow_jax.train(
+        MLP(), TRAIN, TEST, checkpoint_dir=str(tmp_path), resume=True, **dict(kw, epochs=2)
+    )  # more epochs may be added on resume
+    assert longer.steps == 2 * (768 // 32)
+
+
+def test_divergence_stops_with_a_clear_message_and_keeps_good_checkpoints(tmp_path):
+    lr = optax.piecewise_constant_schedule(0.05, {30: 1e12})
+    with pytest.raises(crossbow_jax.TrainingDiverged, match=r"loss became (nan|inf) at step"):
+        crossbow_jax.train(
+            MLP(),
+            TRAIN,
+            TEST,
+            optimizer=optax.sgd(lr),
+            batch_size=8,
+            learners_per_device=2,
+            num_devices=2,
+            epochs=8,
+            steps_per_dispatch=4,
+            checkpoint_every=8,
+            checkpoint_dir=str(tmp_path),
+            progress=False,
+        )
+    saved = checkpoint_steps(tmp_path)
+    assert saved and saved[-1] <= 32
+    run = loop.Run(
+        crossbow_jax.TrainConfig(
+            batch_size=8,
+            learners_per_device=2,
+            num_devices=2,
+            epochs=8,
+            steps_per_dispatch=4,
+            checkpoint_every=8,
+            checkpoint_dir=str(tmp_path),
+            resume=True,
+            progress=False,
+        ),
+        MLP(),
+        TRAIN,
+        TEST,
+        optimizer=optax.sgd(lr),
+    )
+    from crossbow_jax.engine.programs import build_state
+
+    state, record = run.checkpointer.restore(build_state(run.compiled, run.mesh))
+    assert all(np.all(np.isfinite(x)) for x in leaves(state.params))
+    assert all(np.isfinite(row["loss"]) for row in record["history"])
+
+
+BAD = [
+    ({"batch_size": 0}, "batch_size=0 must be an int >= 1"),
+    ({"learners_per_device": 0}, "learners_per_device=0 must be an int >= 1"),
+    ({"algorithm": "asgd"}, "algorithm='asgd' is not one of sma, ssgd"),
+    ({"epochs": 0}, "epochs=0 must be > 0"),
+    ({"mapper": "vmap"}, "mapper='vmap' is not one of"),
+    ({"batch_size": 1000}, "one step needs 4000 images"),
+    ({"num_devices": 99}, "num_devices=99 but only 8 devices"),
+    ({"lr_milestones": (9,)}, r"lr_milestones=\(9.0,\) must lie inside"),
+    ({"bogus": 1}, r"unknown option\(s\) \['bogus'\]"),
+    ({"resume": True}, "resume=True needs checkpoint_dir"),
+]
+
+
+@pytest.mark.parametrize("kwargs, match", BAD, ids=[m for _, m in BAD])
+def test_bad_settings_fail_before_any_work(kwargs, match, monkeypatch):
+    monkeypatch.setattr(loop, "Compiled", lambda *a, **k: pytest.fail("work started"))
+    kw = {
+        "batch_size": 8,
+        "learners_per_device": 2,
+        "num_devices": 2,
+        "epochs": 1,
+        "progress": False,
+        **kwargs,
+    }
+    with pytest.raises(ConfigError, match=match):
+        crossbow_jax.train(MLP(), TRAIN, TEST, **kw)
+
+
+def test_bad_data_and_model_fail_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "Compiled", lambda *a, **k: pytest.fail("work started"))
+    x, y = TRAIN
+    with pytest.raises(ConfigError, match=r"test examples have shape \(4,\) but train"):
+        crossbow_jax.train(MLP(), TRAIN, (TEST[0][:, :4], TEST[1]), progress=False)
+    with pytest.raises(ConfigError, match="labels have shape"):
+        crossbow_jax.train(MLP(), (x, y[:10]), TEST, progress=False)
+    with pytest.raises(ValueError, match="unknown model 'lenet7'"):
+        crossbow_jax.train("lenet7", TRAIN, TEST, progress=False)
+    with pytest.raises(ValueError, match="unknown data set .mnist7."):
+        crossbow_jax.train("lenet", "mnist7", progress=False)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="cannot write to .*a-file/run"):
+        crossbow_jax.train(MLP(), TRAIN, TEST, checkpoint_dir=str(blocker / "run"), progress=False)
