@@ -206,7 +206,7 @@ def test_plan_cuts_chunks_at_epochs_evals_and_checkpoints():
     cfg = TrainConfig(
         steps_per_dispatch=4, eval_every=6, checkpoint_every=5, checkpoint_dir="/tmp/x", epochs=2
     )
-    chunks = plan_chunks(0, 20, 10, cfg)
+    chunks = plan_chunks(0, 20, 10, cfg, cfg.steps_per_dispatch)
     assert [c.end for c in chunks] == [4, 5, 6, 10, 12, 15, 18, 20]
     assert [c.end for c in chunks if c.evaluate] == [6, 10, 12, 18, 20]
     assert [c.end for c in chunks if c.checkpoint] == [5, 10, 15, 20]

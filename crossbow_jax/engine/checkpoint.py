@@ -52,9 +52,11 @@ class Checkpointer:
                     f"cannot resume {self.directory} with another config ({changes}); "
                     "use the original settings or a new folder"
                 )
-        if jax.process_index() == 0:
-            with open(path, "w") as f:
+        if jax.process_index() == 0:  # atomic: other processes may be reading it
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
                 json.dump(identity, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

@@ -207,7 +207,7 @@ class Run:
         if self.checkpointer and cfg.resume and self.checkpointer.latest_step() is not None:
             state, record = self.checkpointer.restore(state)
             start, history, before = record["step"], list(record["history"]), record["elapsed"]
-        plan = plan_chunks(start, self.total_steps, self.steps_per_epoch, cfg)
+        plan = plan_chunks(start, self.total_steps, self.steps_per_epoch, cfg, c.steps_per_dispatch)
         c.compile_all({ch.length for ch in plan}, state)
         loop = _Loop(self, history, before)
         try:

@@ -26,7 +26,9 @@ def _next_multiple(step: int, every: int) -> int:
     return (step // every + 1) * every
 
 
-def plan_chunks(start: int, total: int, steps_per_epoch: int, config: TrainConfig) -> list[Chunk]:
+def plan_chunks(
+    start: int, total: int, steps_per_epoch: int, config: TrainConfig, steps_per_dispatch: int
+) -> list[Chunk]:
     """Chunks from `start` to `total`, cut at epoch ends, evaluations and checkpoints.
 
     z is evaluated at every epoch end, every `eval_every` steps and at the end;
@@ -37,7 +39,7 @@ def plan_chunks(start: int, total: int, steps_per_epoch: int, config: TrainConfi
     while step < total:
         epoch = step // steps_per_epoch
         epoch_end = (epoch + 1) * steps_per_epoch
-        end = min(step + config.steps_per_dispatch, epoch_end, total)
+        end = min(step + steps_per_dispatch, epoch_end, total)
         for every in (config.eval_every, config.checkpoint_every):
             if every:
                 end = min(end, _next_multiple(step, every))

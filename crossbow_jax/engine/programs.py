@@ -33,6 +33,19 @@ def resolve_execution(execution: str, mesh) -> str:
     return "unroll" if mesh.devices.flat[0].platform == "cpu" else "vmap"
 
 
+def resolve_dispatch(cfg: TrainConfig, mesh) -> tuple[int, bool]:
+    """(steps per dispatch, unrolled?): on CPU 2 unrolled steps, elsewhere a scan of 50.
+
+    XLA:CPU runs a while-loop body about 5x slower than the same ops outside
+    a loop (measured by experiments/bench_engine.py), so on CPU the steps of a
+    dispatch are unrolled and dispatches kept short to bound compile time.
+    """
+    cpu = mesh.devices.flat[0].platform == "cpu"
+    unroll = cpu if cfg.unroll_steps is None else cfg.unroll_steps
+    steps = cfg.steps_per_dispatch or (2 if cpu else 50)
+    return steps, unroll
+
+
 def learner_transform(cfg: TrainConfig, optimizer, steps_per_epoch: int):
     """`sma` or `ssgd` around the learner optimiser, over the device axis."""
     inner = optimizer if optimizer is not None else default_optimizer(cfg, steps_per_epoch)
@@ -66,6 +79,7 @@ class Compiled:
         self.cfg, self.mesh, self.layout, self.model = cfg, mesh, layout, model
         self.transform = learner_transform(cfg, optimizer, steps_per_epoch)
         self.execution = resolve_execution(cfg.execution, mesh)
+        self.steps_per_dispatch, self.unroll = resolve_dispatch(cfg, mesh)
         self.programs = Programs(model, self.transform, layout, data.preprocess, self.execution)
         self.n_train = len(data.train_x)
         self.sample = data.preprocess(data.train_x[:1], None)
@@ -118,7 +132,8 @@ class Compiled:
         if self.perm is None:
             self.set_epoch(0)
         for length in sorted(lengths - set(self._train)):
-            fn = self._jit(functools.partial(self.programs.train_steps, length=length), (0,))
+            step = functools.partial(self.programs.train_steps, length=length, unroll=self.unroll)
+            fn = self._jit(step, (0,))
             self._train[length] = self._timed_compile(
                 fn,
                 state,

@@ -155,7 +155,9 @@ class Programs:
         ]
         return jax.tree.map(lambda *leaves: jnp.stack(leaves), *outs)
 
-    def train_steps(self, state, images, labels, perm, start, reset_steps, key, *, length):
+    def train_steps(
+        self, state, images, labels, perm, start, reset_steps, key, *, length, unroll=False
+    ):
         """Runs `length` steps from position `start` of the epoch's permutation.
 
         Args:
@@ -167,6 +169,8 @@ class Programs:
                 (padded with -1).
             key: the run's base PRNG key.
             length: number of steps (static).
+            unroll: unroll the steps into straight-line code instead of a
+                loop (faster on XLA:CPU, see `TrainConfig.unroll_steps`).
 
         Returns:
             (new state, metrics {"loss", "accuracy"} of shape (length,)),
@@ -194,7 +198,7 @@ class Programs:
             metrics = lax.pmean(metrics, self.axis)
             return TrainState(params, batch_stats, opt_state, state.step + 1), metrics
 
-        return lax.scan(one, state, jnp.arange(length))
+        return lax.scan(one, state, jnp.arange(length), unroll=bool(unroll))
 
     def central_params(self, state):
         """The model to evaluate: z for SMA, the (identical) learner 0 for SSGD."""
