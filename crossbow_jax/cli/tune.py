@@ -1,0 +1,140 @@
+"""`crossbow-jax tune`: choose learners per device by measured throughput, no training."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+from crossbow_jax.cli import _common
+from crossbow_jax.engine import distributed
+from crossbow_jax.tuning import search, tuner
+
+EXAMPLES = """\
+examples:
+  crossbow-jax tune --model lenet --dataset mnist --batch-size 16 \\
+      --plot tune.png --json tune.json
+  crossbow-jax tune --model resnet32 --dataset synthetic --synthetic-like cifar10 \\
+      --batch-size 16 --tune-strategy doubling --tune-max-learners 32
+
+Prints the throughput curve as a table, then the chosen setting. Flags that
+only matter to training (--epochs, --target-accuracy, --checkpoint-every, ...)
+are accepted and unused; the optimiser flags shape the timed program.
+Exit codes: 0 done, 2 bad input (one 'error:' line).
+"""
+
+
+def _mebibytes(text: str) -> int:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of MiB") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} must be > 0 MiB")
+    return int(value * 2**20)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0 (0.1 = 10%)")
+    return value
+
+
+def add_tuning_arguments(parser: argparse.ArgumentParser) -> None:
+    """The tuner's flags (dests `tune_*`, the names proposed for `TrainConfig` fields)."""
+    g = parser.add_argument_group("auto-tuning (docs/tuning.md)")
+    g.add_argument(
+        "--tune-strategy", choices=search.STRATEGIES, default=search.DEFAULT_STRATEGY,
+        help="linear: add one learner at a time (the paper's rule); doubling: 1, 2, 4, ... "
+        "then one at a time",
+    )  # fmt: skip
+    g.add_argument(
+        "--tune-threshold", type=_fraction, default=search.DEFAULT_THRESHOLD, metavar="GAIN",
+        help="add a learner only while throughput grows by more than GAIN (0.1 = 10%%)",
+    )  # fmt: skip
+    g.add_argument(
+        "--tune-max-learners", type=_common.positive_int, default=search.DEFAULT_MAX_LEARNERS,
+        metavar="M", help="never try more than M learners per device",
+    )  # fmt: skip
+    g.add_argument(
+        "--tune-steps", type=_common.positive_int, default=tuner.DEFAULT_STEPS, metavar="STEPS",
+        help="steps per timed dispatch (fewer for big models)",
+    )  # fmt: skip
+    g.add_argument(
+        "--tune-repeats", type=_common.positive_int, default=tuner.DEFAULT_REPEATS,
+        metavar="N", help="timed dispatches per setting, after one warm-up; the median counts",
+    )  # fmt: skip
+    g.add_argument(
+        "--tune-memory-limit", type=_mebibytes, metavar="MIB",
+        help="skip settings whose compiled program needs more than MIB per device "
+        "(default: the device's free memory where it reports it; none on CPU)",
+    )  # fmt: skip
+
+
+def add_parser(subparsers) -> None:
+    """Registers `tune` and its flags."""
+    parser = _common.add_command(
+        subparsers,
+        "tune",
+        "choose learners per device by measured throughput (no training)",
+        "Measure training throughput at 1, 2, ... learners per device and choose the "
+        "setting by CROSSBOW's rule: add a learner while throughput grows by more than "
+        "the threshold. Nothing is trained.",
+        epilog=EXAMPLES,
+    )
+    _common.add_run_arguments(parser)
+    add_tuning_arguments(parser)
+    g = parser.add_argument_group("tuning outputs")
+    g.add_argument(
+        "--json", metavar="PATH",
+        help="write the curve and decision as JSON (default: <--output>/tuning.json with "
+        "--output, else none)",
+    )  # fmt: skip
+    g.add_argument("--plot", metavar="PATH", help="draw the curve as a PNG (default: none)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Tunes; process 0 prints the table and writes the JSON and plot."""
+    if args.learners_per_device != "auto":
+        raise _common.UsageError("tune chooses --learners-per-device itself; leave it out")
+    if args.resume:
+        raise _common.UsageError("tune does not train, so there is nothing to --resume")
+    config = _common.config_from_args(args)  # bad flags fail here, before anything starts
+    _common.start_processes(args)
+    main_process = distributed.is_main_process()
+    json_path = args.json or (os.path.join(args.output, "tuning.json") if args.output else None)
+
+    # The run's settings; the tuning options go by name below (whether or not
+    # `TrainConfig` carries `tune_*` fields), the run-folder ones do not apply.
+    skip = {"learners_per_device", "checkpoint_dir", "resume", "progress"}
+    fields = {
+        k: v
+        for k, v in dataclasses.asdict(config).items()
+        if k not in skip and not k.startswith("tune_")
+    }
+    data = _common.data_arguments(args)
+    tuner.tune(
+        args.model,
+        data["train"],
+        data_dir=data["data_dir"],
+        augment=data["augment"],
+        strategy=args.tune_strategy,
+        threshold=args.tune_threshold,
+        max_learners=args.tune_max_learners,
+        steps=args.tune_steps,
+        repeats=args.tune_repeats,
+        memory_limit=args.tune_memory_limit,
+        log=(lambda line: print(line, flush=True)) if main_process else None,
+        json_path=json_path if main_process else None,
+        plot_path=args.plot if main_process else None,
+        **fields,
+    )
+    if main_process:
+        for what, path in (("curve", json_path), ("plot", args.plot)):
+            if path:
+                print(f"wrote the {what} to {path}")
+    return 0
