@@ -32,3 +32,12 @@ def test_docs_python_blocks_run(code, tmp_path, monkeypatch):
 def test_docstring_examples(name):
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_readme_python_blocks_run(tmp_path, monkeypatch):
+    """The README's first Python block runs as written (the second trains for an epoch)."""
+    readme = (DOCS.parent / "README.md").read_text()
+    blocks = BLOCK.findall(readme)
+    assert len(blocks) >= 2
+    monkeypatch.chdir(tmp_path)
+    exec(compile(blocks[0], "<README>", "exec"), {"__name__": "__readme__"})

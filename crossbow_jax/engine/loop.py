@@ -47,6 +47,9 @@ class TrainResult:
         compile_time: seconds spent compiling, reported apart.
         steps: steps taken in all (including before a resume).
         learners_per_device, devices: the layout that ran.
+        config: the `TrainConfig` of the run.
+        tuning: the auto-tuner's report when `learners_per_device="auto"`
+            (chosen setting and throughput curve, docs/tuning.md), else None.
     """
 
     params: Any
