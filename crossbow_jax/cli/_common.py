@@ -13,7 +13,7 @@ import dataclasses
 from typing import Any
 
 from crossbow_jax.engine import distributed
-from crossbow_jax.engine.config import ConfigError, TrainConfig
+from crossbow_jax.engine.config import TUNE_STRATEGIES, ConfigError, TrainConfig
 
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 """`TrainConfig`'s defaults, which are the flags' defaults (except learners: "auto")."""
@@ -233,7 +233,14 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=d["steps_per_dispatch"],
         metavar="STEPS",
-        help="steps run by one device call (lax.scan)",
+        help="steps run by one device call (default: 2 on CPU, 50 elsewhere)",
+    )
+    g.add_argument(
+        "--unroll-steps",
+        action=argparse.BooleanOptionalAction,
+        default=d["unroll_steps"],
+        help="unroll a dispatch's steps into one program instead of a loop "
+        "(default: on for CPU, where XLA runs loop bodies ~5x slower; off elsewhere)",
     )
     g.add_argument(
         "--execution",
@@ -286,6 +293,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "settings (default: off)",
     )
     add_multihost_arguments(parser)
+    add_tuning_arguments(parser)
 
 
 def add_multihost_arguments(parser: argparse.ArgumentParser) -> None:
@@ -311,6 +319,58 @@ def add_multihost_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="I",
         help=f"this process's index, 0..N-1 (default: ${distributed.ENV_PROCESS_ID})",
     )
+
+
+def mebibytes(text: str) -> int:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of MiB") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} must be > 0 MiB")
+    return int(value * 2**20)
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0 (0.1 = 10%)")
+    return value
+
+
+def add_tuning_arguments(parser: argparse.ArgumentParser) -> None:
+    """The auto-tuner's flags (dests: the `tune_*` fields of `TrainConfig`)."""
+    d = DEFAULTS
+    g = parser.add_argument_group("auto-tuning (docs/tuning.md)")
+    g.add_argument(
+        "--tune-strategy", choices=TUNE_STRATEGIES, default=d["tune_strategy"],
+        help="linear: add one learner at a time (the paper's rule); doubling: 1, 2, 4, ... "
+        "then one at a time",
+    )  # fmt: skip
+    g.add_argument(
+        "--tune-threshold", type=fraction, default=d["tune_threshold"], metavar="GAIN",
+        help="add a learner only while throughput grows by more than GAIN (0.1 = 10%%)",
+    )  # fmt: skip
+    g.add_argument(
+        "--tune-max-learners", type=positive_int, default=d["tune_max_learners"],
+        metavar="M", help="never try more than M learners per device",
+    )  # fmt: skip
+    g.add_argument(
+        "--tune-steps", type=positive_int, default=d["tune_steps"], metavar="STEPS",
+        help="steps per timed interval of a trial (fewer for big models)",
+    )  # fmt: skip
+    g.add_argument(
+        "--tune-repeats", type=positive_int, default=d["tune_repeats"],
+        metavar="N", help="timed dispatches per setting, after one warm-up; the median counts",
+    )  # fmt: skip
+    g.add_argument(
+        "--tune-memory-limit", type=mebibytes, metavar="MIB",
+        help="skip settings whose compiled program needs more than MIB per device "
+        "(default: the device's free memory where it reports it; none on CPU)",
+    )  # fmt: skip
 
 
 def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:

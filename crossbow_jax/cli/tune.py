@@ -8,7 +8,7 @@ import os
 
 from crossbow_jax.cli import _common
 from crossbow_jax.engine import distributed
-from crossbow_jax.tuning import search, tuner
+from crossbow_jax.tuning import tuner
 
 EXAMPLES = """\
 examples:
@@ -24,57 +24,6 @@ Exit codes: 0 done, 2 bad input (one 'error:' line).
 """
 
 
-def _mebibytes(text: str) -> int:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of MiB") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} must be > 0 MiB")
-    return int(value * 2**20)
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 0 (0.1 = 10%)")
-    return value
-
-
-def add_tuning_arguments(parser: argparse.ArgumentParser) -> None:
-    """The tuner's flags (dests `tune_*`, the names proposed for `TrainConfig` fields)."""
-    g = parser.add_argument_group("auto-tuning (docs/tuning.md)")
-    g.add_argument(
-        "--tune-strategy", choices=search.STRATEGIES, default=search.DEFAULT_STRATEGY,
-        help="linear: add one learner at a time (the paper's rule); doubling: 1, 2, 4, ... "
-        "then one at a time",
-    )  # fmt: skip
-    g.add_argument(
-        "--tune-threshold", type=_fraction, default=search.DEFAULT_THRESHOLD, metavar="GAIN",
-        help="add a learner only while throughput grows by more than GAIN (0.1 = 10%%)",
-    )  # fmt: skip
-    g.add_argument(
-        "--tune-max-learners", type=_common.positive_int, default=search.DEFAULT_MAX_LEARNERS,
-        metavar="M", help="never try more than M learners per device",
-    )  # fmt: skip
-    g.add_argument(
-        "--tune-steps", type=_common.positive_int, default=tuner.DEFAULT_STEPS, metavar="STEPS",
-        help="steps per timed dispatch (fewer for big models)",
-    )  # fmt: skip
-    g.add_argument(
-        "--tune-repeats", type=_common.positive_int, default=tuner.DEFAULT_REPEATS,
-        metavar="N", help="timed dispatches per setting, after one warm-up; the median counts",
-    )  # fmt: skip
-    g.add_argument(
-        "--tune-memory-limit", type=_mebibytes, metavar="MIB",
-        help="skip settings whose compiled program needs more than MIB per device "
-        "(default: the device's free memory where it reports it; none on CPU)",
-    )  # fmt: skip
-
-
 def add_parser(subparsers) -> None:
     """Registers `tune` and its flags."""
     parser = _common.add_command(
@@ -87,7 +36,6 @@ def add_parser(subparsers) -> None:
         epilog=EXAMPLES,
     )
     _common.add_run_arguments(parser)
-    add_tuning_arguments(parser)
     g = parser.add_argument_group("tuning outputs")
     g.add_argument(
         "--json", metavar="PATH",
