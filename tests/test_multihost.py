@@ -18,6 +18,8 @@ import time
 import numpy as np
 import pytest
 
+from crossbow_jax.engine.mapping import simulated_devices_flags
+
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 TIMEOUT_S = 180
@@ -89,7 +91,7 @@ def _free_port() -> int:
 def _worker_env(devices: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CROSSBOW_JAX_")}
     env.update(
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=simulated_devices_flags(devices),
         JAX_PLATFORMS="cpu",
         PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]),
     )

@@ -20,6 +20,31 @@ from jax.sharding import PartitionSpec as P
 DEVICE_AXIS = "devices"
 MAPPERS = ("shard_map", "pmap")
 
+# XLA:CPU ends the process ("Termination timeout ... exceeded") when a thread
+# of a collective waits past a timeout. Simulated devices share the host's
+# cores, so on a loaded 2-core machine a psum over 8 of them can wait that
+# long; these raise the limits for simulated devices.
+_SIMULATED_TIMEOUTS = (
+    "--xla_cpu_collective_call_terminate_timeout_seconds=1800",
+    "--xla_cpu_collective_timeout_seconds=1800",
+)
+
+
+def simulated_devices_flags(count: int, flags: str = "") -> str:
+    """`XLA_FLAGS` for `count` simulated CPU devices, added to `flags`.
+
+    Set it before JAX starts, e.g.
+    `os.environ["XLA_FLAGS"] = simulated_devices_flags(8, os.environ.get("XLA_FLAGS", ""))`.
+    Collective timeouts are raised too (see above); flags already in `flags` win.
+    """
+    parts = flags.split()
+    if not any("xla_force_host_platform_device_count" in p for p in parts):
+        parts.append(f"--xla_force_host_platform_device_count={count}")
+    for extra in _SIMULATED_TIMEOUTS:
+        if not any(p.split("=")[0] == extra.split("=")[0] for p in parts):
+            parts.append(extra)
+    return " ".join(parts)
+
 
 def make_mesh(devices: Sequence[jax.Device] | None = None, axis_name: str = DEVICE_AXIS) -> Mesh:
     """A 1-D mesh over `devices` (default: all devices) with one named axis.
