@@ -27,7 +27,7 @@ FLAGS = [
     "--seed", "--target-accuracy", "--lr", "--momentum", "--weight-decay", "--lr-milestones",
     "--lr-gamma", "--warmup-epochs", "--reset-at-drops", "--alpha", "--central-momentum",
     "--eval-every", "--steps-per-dispatch", "--execution", "--mapper", "--num-devices",
-    "--dtype", "--no-progress", "--output", "--checkpoint-every", "--resume", "--unroll-steps",
+    "--dtype", "--no-progress", "--output", "--checkpoint-every", "--resume", "--unroll-steps", "--data-placement",
     "--coordinator-address", "--num-processes", "--process-id",
 ]  # fmt: skip
 

@@ -432,3 +432,47 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     assert data.default_cache_dir() == tmp_path
     monkeypatch.delenv("CROSSBOW_JAX_DATA")
     assert data.default_cache_dir() == Path.home() / ".cache" / "crossbow_jax"
+
+
+def test_engine_trains_on_streamed_imagenet_folder(foolbox_wheel, tmp_path):
+    """`train(..., "imagenet")` reads real JPEGs batch by batch through the host path."""
+    import flax.linen as nn
+
+    import crossbow_jax
+
+    class Tiny(nn.Module):
+        classes: int
+
+        @nn.compact
+        def __call__(self, x):
+            x = nn.avg_pool(x, (16, 16), strides=(16, 16))
+            return nn.Dense(self.classes)(x.reshape((x.shape[0], -1)))
+
+    samples = foolbox_samples(foolbox_wheel, "imagenet")
+    wnids = _imagenet_folder(tmp_path / "imagenet", samples, flat_val=False)
+    rows = []
+    result = crossbow_jax.train(
+        Tiny(len(wnids)),
+        "imagenet",
+        data_dir=str(tmp_path),
+        batch_size=2,
+        learners_per_device=2,
+        num_devices=2,
+        epochs=2,
+        progress=False,
+        callback=rows.append,
+    )
+    assert result.steps == 2 * (20 // 8)
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    assert rows[-1]["test_loss"] > 0 and 0 <= result.accuracy <= 1
+    with pytest.raises(crossbow_jax.ConfigError, match="streamed from files"):
+        crossbow_jax.train(
+            Tiny(len(wnids)),
+            "imagenet",
+            data_dir=str(tmp_path),
+            batch_size=2,
+            learners_per_device=2,
+            num_devices=2,
+            data_placement="device",
+            progress=False,
+        )

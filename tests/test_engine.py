@@ -227,3 +227,27 @@ def test_user_optimizer_is_used():
         **FAST,
     )
     assert r.accuracy > 0.9
+
+
+@pytest.mark.parametrize("mapper", ["shard_map", "pmap"])
+def test_host_fed_data_trains_exactly_like_device_resident_data(mapper):
+    kw = {
+        "batch_size": 8,
+        "learners_per_device": 2,
+        "epochs": 2,
+        "num_devices": 2,
+        "mapper": mapper,
+        "progress": False,
+        "steps_per_dispatch": 3,
+    }
+    x, y = tiny_images(256)
+    data = ((x[:192], y[:192]), (x[192:], y[192:]))
+    device = crossbow_jax.train(
+        MLP(classes=3), *data, data_placement="device", augment="crop_flip", **kw
+    )
+    host = crossbow_jax.train(
+        MLP(classes=3), *data, data_placement="host", augment="crop_flip", **kw
+    )
+    for a, b in zip(leaves(device.params), leaves(host.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert host.accuracy == device.accuracy and host.steps == device.steps

@@ -236,6 +236,14 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="steps run by one device call (default: 2 on CPU, 50 elsewhere)",
     )
     g.add_argument(
+        "--data-placement",
+        choices=("auto", "device", "host"),
+        default=d["data_placement"],
+        help="device: the training set stays on every device; host: batches are assembled "
+        "on the host and fed ahead of use (streamed data sets always); auto: host only "
+        "when the data would fill over half of a device's free memory",
+    )
+    g.add_argument(
         "--unroll-steps",
         action=argparse.BooleanOptionalAction,
         default=d["unroll_steps"],

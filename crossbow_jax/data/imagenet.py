@@ -292,11 +292,12 @@ class ImageNetSource:
             path, image_size=self.image_size, crop=self.crop, resize=self.resize or None, rng=rng
         )
 
-    def epoch(self, epoch: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def epoch(self, epoch: int = 0, start_batch: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yields the batches of one pass over the split.
 
         Args:
             epoch: Selects the shuffle order and random crops.
+            start_batch: Skip the batches before this one (to resume mid-epoch).
         """
         order = np.arange(len(self))
         if self.shuffle:
@@ -304,7 +305,7 @@ class ImageNetSource:
         batches = [
             order[i : i + self.batch_size]
             for i in range(0, self.num_batches * self.batch_size, self.batch_size)
-        ]
+        ][start_batch:]
         pool = concurrent.futures.ThreadPoolExecutor(
             self.num_workers, thread_name_prefix="imagenet-decode"
         )

@@ -12,6 +12,7 @@ EXECUTIONS = ("auto", "vmap", "unroll")
 MAPPERS = ("shard_map", "pmap")
 DTYPES = ("float32", "bfloat16")
 TUNE_STRATEGIES = ("linear", "doubling")
+PLACEMENTS = ("auto", "device", "host")
 
 
 class ConfigError(ValueError):
@@ -54,6 +55,12 @@ class TrainConfig:
             "unroll" (a loop unrolled in one program), or "auto" (unroll on
             CPU, vmap elsewhere; see docs/performance.md).
         mapper: "shard_map" or "pmap".
+        data_placement: "device" keeps the training set resident on every
+            device and gathers batches there; "host" assembles batches on the
+            host and feeds them ahead of use (for data too big for device
+            memory; streamed data sets such as ImageNet always use it);
+            "auto" picks "host" only when the training set would take more
+            than half of a device's free memory.
         num_devices: use the first n local devices (None: all).
         dtype: compute dtype of the model ("float32" or "bfloat16").
         target_accuracy: stop when the test accuracy of z reaches it.
@@ -90,6 +97,7 @@ class TrainConfig:
     unroll_steps: bool | None = None
     execution: str = "auto"
     mapper: str = "shard_map"
+    data_placement: str = "auto"
     num_devices: int | None = None
     dtype: str = "float32"
     target_accuracy: float | None = None
@@ -116,6 +124,7 @@ class TrainConfig:
         _choice("algorithm", self.algorithm, ALGORITHMS)
         _choice("execution", self.execution, EXECUTIONS)
         _choice("mapper", self.mapper, MAPPERS)
+        _choice("data_placement", self.data_placement, PLACEMENTS)
         _choice("dtype", self.dtype, DTYPES)
         if not self.epochs > 0:
             raise ConfigError(f"epochs={self.epochs} must be > 0")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -17,12 +18,21 @@ class Arrays:
     """Training and test arrays in the layout the engine uses (NHWC or (N, F))."""
 
     name: str
-    train_x: np.ndarray
-    train_y: np.ndarray
+    train_x: np.ndarray | None  # None for a streamed data set
+    train_y: np.ndarray | None
     test_x: np.ndarray | None
     test_y: np.ndarray | None
     num_classes: int
     preprocess: Preprocess
+    num_train: int = 0
+    example: np.ndarray | None = None  # one stored example, shape (1, ...)
+    stream: Callable[[int, int], Any] | None = None  # (images per step, seed) -> Source
+    test_stream: Callable[[int], Any] | None = None  # batch size -> Source of the test split
+
+    def __post_init__(self):
+        if self.train_x is not None:
+            object.__setattr__(self, "num_train", len(self.train_x))
+            object.__setattr__(self, "example", self.train_x[:1])
 
 
 def _pair(value: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -63,6 +73,9 @@ def resolve_data(
                 f"test={test!r} differs from train={train!r}; a named dataset "
                 "brings its own test split"
             )
+        spec = datasets.DATASETS.get(train)
+        if spec is not None and spec.kind == "stream":
+            return _streamed(train, data_dir)
         ds = datasets.load_dataset(train, data_dir=data_dir)
         info = ds.info
         pre = Preprocess(1 / 255, tuple(info.mean), tuple(info.std), augment or info.augment)
@@ -102,6 +115,38 @@ def resolve_data(
         tx = None if tx is None else tx.astype(np.float32)
         pre = Preprocess(None, None, None, augment)
     return Arrays("arrays", x, y, tx, ty, num_classes, pre)
+
+
+def _streamed(name: str, data_dir: str | None) -> Arrays:
+    """A data set read from files batch by batch (ImageNet), never held in memory."""
+    from crossbow_jax.data import load_imagenet
+
+    probe = load_imagenet(split="train", data_dir=data_dir, batch_size=1)  # checks the folder
+    info = probe.info
+
+    def train_source(images_per_step: int, seed: int):
+        return load_imagenet(
+            split="train", data_dir=data_dir, batch_size=images_per_step, seed=seed
+        )
+
+    def test_source(batch: int):
+        return load_imagenet(split="val", data_dir=data_dir, batch_size=batch)
+
+    pre = Preprocess(1 / 255, tuple(info.mean), tuple(info.std), None)
+    example = np.zeros((1,) + tuple(info.image_shape), np.uint8)
+    return Arrays(
+        name,
+        None,
+        None,
+        None,
+        None,
+        info.num_classes,
+        pre,
+        num_train=len(probe),
+        example=example,
+        stream=train_source,
+        test_stream=test_source,
+    )
 
 
 def resolve_model(model: Any, num_classes: int, dtype: str) -> nn.Module:

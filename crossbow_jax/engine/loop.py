@@ -186,7 +186,7 @@ class Run:
             else Layout(devices, 1, m * cfg.batch_size)
         )
         self.learners_per_device = m
-        n = len(self.data.train_x)
+        n = self.data.num_train
         self.steps_per_epoch = n // self.layout.images_per_step
         if self.steps_per_epoch == 0:
             raise ConfigError(
@@ -217,6 +217,7 @@ class Run:
             state = loop.drive(state, plan)
         finally:
             loop.close()
+            c.close()
             if self.checkpointer:
                 self.checkpointer.close()
         variables = c.central_variables(state)
@@ -276,7 +277,7 @@ class _Loop:
         for chunk in plan:
             if chunk.epoch != epoch:
                 epoch = chunk.epoch
-                self.c.set_epoch(epoch)
+                self.c.set_epoch(epoch, [ch for ch in plan if ch.epoch == epoch])
             state, metrics = self.c.train(chunk, state)
             if pending:
                 tick = self._log(*pending, tick)

@@ -155,10 +155,28 @@ class Programs:
         ]
         return jax.tree.map(lambda *leaves: jnp.stack(leaves), *outs)
 
+    def _one_step(self, state, raw_x, y, reset_steps, key, dev):
+        """One SMA/SSGD step of this device's learners on stored pixels `raw_x` (m, b, ...)."""
+        step_key = jax.random.fold_in(jax.random.fold_in(key, state.step), dev)
+        aug_key, drop_key = jax.random.split(step_key)
+        x = self.pre(raw_x, aug_key)
+        keys = jax.random.split(drop_key, self.layout.learners)
+        grads, loss, acc, stats = self._all_learner_grads(
+            state.params, state.batch_stats, x, y, keys
+        )
+        extra = {}
+        if reset_steps.shape[0]:
+            extra["reset_learners"] = jnp.any(reset_steps == state.step)
+        updates, opt_state = self.opt.update(grads, state.opt_state, state.params, **extra)
+        params = optax.apply_updates(state.params, updates)
+        batch_stats = jax.tree.map(lambda s: jnp.mean(s, 0), stats)
+        metrics = lax.pmean({"loss": jnp.mean(loss), "accuracy": jnp.mean(acc)}, self.axis)
+        return TrainState(params, batch_stats, opt_state, state.step + 1), metrics
+
     def train_steps(
         self, state, images, labels, perm, start, reset_steps, key, *, length, unroll=False
     ):
-        """Runs `length` steps from position `start` of the epoch's permutation.
+        """Runs `length` steps on the device-resident training set.
 
         Args:
             state: this device's `TrainState`.
@@ -176,29 +194,22 @@ class Programs:
             (new state, metrics {"loss", "accuracy"} of shape (length,)),
             each averaged over all learners on all devices.
         """
-        lay = self.layout
         dev = lax.axis_index(self.axis)
 
         def one(state, i):
-            idx = batch_indices(perm, start + i, dev, lay)
-            step_key = jax.random.fold_in(jax.random.fold_in(key, state.step), dev)
-            aug_key, drop_key = jax.random.split(step_key)
-            x, y = self.pre(images[idx], aug_key), labels[idx]
-            keys = jax.random.split(drop_key, lay.learners)
-            grads, loss, acc, stats = self._all_learner_grads(
-                state.params, state.batch_stats, x, y, keys
-            )
-            extra = {}
-            if reset_steps.shape[0]:
-                extra["reset_learners"] = jnp.any(reset_steps == state.step)
-            updates, opt_state = self.opt.update(grads, state.opt_state, state.params, **extra)
-            params = optax.apply_updates(state.params, updates)
-            batch_stats = jax.tree.map(lambda s: jnp.mean(s, 0), stats)
-            metrics = {"loss": jnp.mean(loss), "accuracy": jnp.mean(acc)}
-            metrics = lax.pmean(metrics, self.axis)
-            return TrainState(params, batch_stats, opt_state, state.step + 1), metrics
+            idx = batch_indices(perm, start + i, dev, self.layout)
+            return self._one_step(state, images[idx], labels[idx], reset_steps, key, dev)
 
         return lax.scan(one, state, jnp.arange(length), unroll=bool(unroll))
+
+    def train_fed_steps(self, state, xs, ys, reset_steps, key, *, unroll=False):
+        """Like `train_steps`, on batches fed from the host: xs (length, m, b, ...)."""
+        dev = lax.axis_index(self.axis)
+
+        def one(state, batch):
+            return self._one_step(state, batch[0], batch[1], reset_steps, key, dev)
+
+        return lax.scan(one, state, (xs, ys), unroll=bool(unroll))
 
     def central_params(self, state):
         """The model to evaluate: z for SMA, the (identical) learner 0 for SSGD."""

@@ -162,7 +162,7 @@ def run_trial(
         error propagates.
     """
     layout = layout_for(cfg.algorithm, mesh.size, m, cfg.batch_size)
-    steps_per_epoch = max(1, len(data.train_x) // layout.images_per_step)
+    steps_per_epoch = max(1, data.num_train // layout.images_per_step)
     gc.collect()  # let the previous trial's buffers go before reading free memory
     local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     limit = memory_limit if memory_limit is not None else free_memory(local)
@@ -190,6 +190,7 @@ def run_trial(
                 steps=steps,
                 error=f"estimated {memory} bytes per device, over the limit of {limit}",
             )
+        compiled.set_epoch(0, [chunk] * (1 + repeats * dispatches))
         state = _dispatch(compiled, [chunk], state)  # warm-up
         times = []
         for _ in range(repeats):
@@ -201,6 +202,8 @@ def run_trial(
             raise
         return Trial(m, None, memory, OOM, None, compile_seconds, steps, _first_line(e))
     finally:
+        if compiled is not None:
+            compiled.close()
         del compiled, state
     median = _from_process_0(statistics.median(times))
     return Trial(

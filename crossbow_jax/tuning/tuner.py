@@ -91,7 +91,7 @@ def search_learners(
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"tuning {name}={value!r} must be an int >= 1")
     per_learner = mesh.size * cfg.batch_size
-    cap = min(max_learners, len(data.train_x) // per_learner)
+    cap = min(max_learners, data.num_train // per_learner)
     if cap < 1:
         raise ConfigError(
             f"one step of 1 learner per device needs {per_learner} images ({mesh.size} devices "

@@ -1,0 +1,119 @@
+"""The host path: batches assembled on the host and fed to the devices ahead of use.
+
+For data that does not fit in device memory (ImageNet, or any data set with
+`data_placement="host"`). A source yields one batch of all images of a step
+(devices x learners x batch) at a time; a `Feeder` thread stacks a dispatch's
+batches, places them on the devices, and keeps `prefetch` dispatches ready,
+so decoding and transfer overlap with compute.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import numpy as np
+
+from crossbow_jax.engine import mapping
+from crossbow_jax.engine.plan import Chunk
+from crossbow_jax.engine.step import Layout
+
+
+class Source(Protocol):
+    """What the feeder reads: batches of one step's images, epoch by epoch."""
+
+    num_batches: int  # steps per epoch
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yields (images, labels) of one step each, from batch `start_batch` on."""
+        ...
+
+
+class ArraySource:
+    """In-memory arrays served from the host, in exactly the device path's order.
+
+    Step t of epoch e takes rows `perm[t*P:(t+1)*P]` of the permutation
+    `default_rng([seed, e])`, P images per step, like the device-resident path,
+    so both placements train on the same batches.
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, images_per_step: int, seed: int):
+        self.x, self.y = x, y
+        self.per_step, self.seed = images_per_step, seed
+        self.num_batches = len(x) // images_per_step
+
+    def epoch(self, epoch: int, start_batch: int = 0):
+        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.x))
+        for t in range(start_batch, self.num_batches):
+            rows = perm[t * self.per_step : (t + 1) * self.per_step]
+            yield self.x[rows], self.y[rows]
+
+
+def as_device_chunk(batches: list[tuple[np.ndarray, np.ndarray]], layout: Layout, mesh):
+    """(L steps of P images) -> device arrays (devices, L, learners, batch, ...)."""
+    d, m, b = layout.devices, layout.learners, layout.batch
+
+    def arrange(arrays):
+        stacked = np.stack(arrays)  # (L, P, ...)
+        shaped = stacked.reshape((len(arrays), d, m, b) + stacked.shape[2:])
+        return np.moveaxis(shaped, 1, 0)
+
+    xs = arrange([x for x, _ in batches])
+    ys = arrange([y.astype(np.int32) for _, y in batches])
+    return mapping.put_on_devices((xs, ys), mesh)
+
+
+class Feeder:
+    """Prepares the device inputs of an epoch's chunks on a background thread."""
+
+    def __init__(self, source: Source, layout: Layout, mesh, prefetch: int = 2):
+        self.source, self.layout, self.mesh = source, layout, mesh
+        self.prefetch = prefetch
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def start(self, epoch: int, chunks: list[Chunk]) -> None:
+        """Begins preparing `chunks` (consecutive, all in `epoch`)."""
+        self.close()
+        self._stop = threading.Event()
+        self._queue = queue.Queue(self.prefetch)
+        args = (epoch, chunks, self._queue, self._stop)
+        self._thread = threading.Thread(
+            target=self._work, args=args, daemon=True, name="crossbow-feeder"
+        )
+        self._thread.start()
+
+    def _work(self, epoch, chunks, out: queue.Queue, stop: threading.Event) -> None:
+        try:
+            batches = self.source.epoch(epoch, chunks[0].position)
+            for chunk in chunks:
+                taken = [next(batches) for _ in range(chunk.length)]
+                item = (chunk, as_device_chunk(taken, self.layout, self.mesh))
+                while not stop.is_set():
+                    try:
+                        out.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except Exception as e:  # handed to the consumer, raised there
+            out.put((None, e))
+
+    def next(self, chunk: Chunk) -> Any:
+        """The device inputs (xs, ys) of `chunk`; waits for the thread if needed."""
+        got, item = self._queue.get()
+        if got is None:
+            raise item
+        if got != chunk:
+            raise RuntimeError(f"feeder out of step: expected {chunk}, prepared {got}")
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self._thread = None
