@@ -465,6 +465,21 @@ def test_engine_trains_on_streamed_imagenet_folder(foolbox_wheel, tmp_path):
     assert result.steps == 2 * (20 // 8)
     assert all(np.isfinite(r["loss"]) for r in rows)
     assert rows[-1]["test_loss"] > 0 and 0 <= result.accuracy <= 1
+    tuned = crossbow_jax.train(
+        Tiny(len(wnids)),
+        "imagenet",
+        data_dir=str(tmp_path),
+        batch_size=2,
+        learners_per_device="auto",
+        tune_max_learners=2,
+        tune_steps=1,
+        tune_repeats=1,
+        num_devices=2,
+        epochs=1,
+        progress=False,
+    )
+    assert tuned.tuning["chosen"] in (1, 2) and tuned.learners_per_device == tuned.tuning["chosen"]
+    assert all(row["status"] == "ok" for row in tuned.tuning["curve"])
     with pytest.raises(crossbow_jax.ConfigError, match="streamed from files"):
         crossbow_jax.train(
             Tiny(len(wnids)),

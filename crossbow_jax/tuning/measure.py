@@ -166,7 +166,7 @@ def run_trial(
     gc.collect()  # let the previous trial's buffers go before reading free memory
     local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     limit = memory_limit if memory_limit is not None else free_memory(local)
-    train_only = dataclasses.replace(data, test_x=None, test_y=None)
+    train_only = dataclasses.replace(data, test_x=None, test_y=None, test_stream=None)
     memory = compile_seconds = None
     compiled = state = None
     try:
