@@ -38,7 +38,7 @@ def resolve_dispatch(cfg: TrainConfig, mesh) -> tuple[int, bool]:
     """(steps per dispatch, unrolled?): on CPU 2 unrolled steps, elsewhere a scan of 50.
 
     XLA:CPU runs a while-loop body about 5x slower than the same ops outside
-    a loop (measured by experiments/bench_engine.py), so on CPU the steps of a
+    a loop (measured by experiments/benchmarks/engine_overhead.py), so on CPU the steps of a
     dispatch are unrolled and dispatches kept short to bound compile time.
     """
     cpu = mesh.devices.flat[0].platform == "cpu"
