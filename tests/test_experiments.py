@@ -1,0 +1,129 @@
+"""The experiment sweeps (experiments/): every quick variant runs for real and writes its
+rows, plot and table; a second run skips the rows already there (resume)."""
+
+import json
+
+import pytest
+
+from crossbow_jax.cli import main as cli_main
+from experiments import EXPERIMENTS, _report, _sweep, get_config
+
+ROW_FIELDS = {
+    "experiment",
+    "key",
+    "labels",
+    "settings",
+    "seed",
+    "device",
+    "versions",
+    "date",
+    "figures",
+}
+
+
+def quiet(*_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    return tmp_path_factory.mktemp("sweeps")
+
+
+SLOW = {"statistical_efficiency_resnet32"}  # compiling ResNet-32 alone takes 20-40 s on a CPU
+
+
+@pytest.mark.parametrize(  # statistical_efficiency runs before time_to_accuracy
+    "name", [pytest.param(n, marks=[pytest.mark.slow] if n in SLOW else []) for n in EXPERIMENTS]
+)
+def test_quick_sweep_writes_rows_plot_table_and_resumes(name, out):
+    config = get_config(name, quick=True)
+    rows = _sweep.run_sweep(config, out, log=quiet)
+    assert sorted(r["key"] for r in rows) == sorted(r["key"] for r in _sweep.expand(config))
+    path = out / f"{name}.jsonl"
+    lines = path.read_text().splitlines()
+    assert len(lines) == len(rows) >= 2
+    for row in map(json.loads, lines):
+        assert ROW_FIELDS <= set(row), sorted(ROW_FIELDS - set(row))
+        assert row["versions"]["jax"] and row["versions"]["crossbow_jax"]
+        assert row["device"]["platform"] == "cpu"
+        assert row["figures"]["images_per_second"] > 0
+        if config["measure"] == "train":
+            assert 0 <= row["figures"]["final_accuracy"] <= 1 and row["figures"]["curve"]
+    if name == "time_to_accuracy" and (out / "statistical_efficiency.jsonl").exists():
+        assert all(r.get("reused_from") == "statistical_efficiency" for r in rows)
+    assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| n |" in (out / f"{name}.md").read_text()
+
+    again = _sweep.run_sweep(config, out, log=quiet)  # nothing left to run
+    assert path.read_text().splitlines() == lines and len(again) == len(rows)
+
+
+def _fake_config():
+    return {
+        "name": "fake",
+        "measure": "train",
+        "seeds": 2,
+        "fixed": {"model": "lenet", "dataset": "synthetic", "batch_size": 8},
+        "grid": [{"variant": "a", "learning_rate": 0.1}, {"variant": "b", "seeds": 1}],
+        "table": {"group": ["variant"], "figures": ["final_accuracy", "epochs_to_target"]},
+        "plots": [{"x": "learning_rate", "y": "final_accuracy", "series": "variant"}],
+    }
+
+
+@pytest.fixture
+def fake_training(monkeypatch):
+    """Replaces training by a stub that records which runs it was given."""
+    calls = []
+
+    def measure(run, data, show=None):
+        calls.append((run["labels"].get("variant"), run["seed"]))
+        return {
+            "final_accuracy": 0.5 + run["seed"] / 10,
+            "epochs_to_target": None,
+            "images_per_second": 1.0,
+            "curve": [[1.0, 0.5]],
+        }
+
+    monkeypatch.setitem(_sweep.MEASURES, "train", measure)
+    return calls
+
+
+def test_expand_runs_seed_by_seed_with_per_point_seed_caps():
+    runs = _sweep.expand(_fake_config())
+    assert [(r["labels"]["variant"], r["seed"]) for r in runs] == [("a", 0), ("b", 0), ("a", 1)]
+    assert runs[0]["settings"]["learning_rate"] == 0.1 and "variant" not in runs[0]["settings"]
+    assert len({r["key"] for r in runs}) == 3
+    assert [r["key"] for r in _sweep.expand(_fake_config())] == [r["key"] for r in runs]
+
+
+def test_half_done_sweep_resumes_with_the_missing_runs_only(tmp_path, fake_training):
+    config = _fake_config()
+    _sweep.run_sweep(config, tmp_path, seeds=1, log=quiet)
+    assert fake_training == [("a", 0), ("b", 0)]
+    with (tmp_path / "fake.jsonl").open("a") as f:
+        f.write('{"torn": ')  # a run killed while writing its row
+    rows = _sweep.run_sweep(config, tmp_path, log=quiet)
+    assert fake_training == [("a", 0), ("b", 0), ("a", 1)] and len(rows) == 3
+    table = (tmp_path / "fake.md").read_text()
+    assert "| a | 2 | 0.5500 ± 0.0707 | not reached (0/2) |" in table
+
+
+def test_summaries_count_diverged_and_unreached_runs():
+    rows = [
+        {"figures": {"status": "diverged"}},
+        {"figures": {"epochs_to_target": 2.0}},
+        {"figures": {"epochs_to_target": None}},
+    ]
+    assert _report.summarise(rows, "epochs_to_target") == "2.00 (1/3), 1 diverged"
+    assert _report.summarise(rows[:1], "final_accuracy") == "diverged (1/1)"
+
+
+def test_both_front_doors_run_a_sweep(tmp_path, fake_training, capsys):
+    assert cli_main(["sweep", "sensitivity", "--quick", "--out", str(tmp_path / "cli")]) == 0
+    assert len((tmp_path / "cli" / "sensitivity.jsonl").read_text().splitlines()) == 2
+    assert _sweep.main("sensitivity", ["--quick", "--out", str(tmp_path / "cli")]) == 0
+    assert len(fake_training) == 2  # the second front door found both rows done
+    assert cli_main(["sweep", "--list"]) == 0
+    assert "statistical_efficiency" in capsys.readouterr().out
+    assert cli_main(["sweep", "no_such_experiment"]) == 2
