@@ -41,6 +41,26 @@ RESULTS = Path(__file__).resolve().parent / "results"
 """Where full sweeps write by default; quick ones go to `results/quick/`."""
 
 DATA_KEYS = ("model", "dataset", "train_examples", "test_examples", "synthetic_like")
+LENET_MNIST = {
+    "model": "lenet",
+    "dataset": "mnist",
+    "batch_size": 16,
+    "learning_rate": 0.01,
+    "momentum": 0.9,
+    "weight_decay": 1e-4,
+    "central_momentum": 0.9,
+}
+"""Learner settings shared by the LeNet/MNIST sweeps (docs/results.md)."""
+
+QUICK_MNIST = {
+    "dataset": "synthetic",
+    "synthetic_like": "mnist",
+    "train_examples": 256,
+    "test_examples": 64,
+    "batch_size": 8,
+}
+"""What a `--quick` variant changes: tiny synthetic MNIST-shaped data."""
+
 TRIAL_KEYS = ("trial_steps", "trial_repeats")
 """Settings of a throughput trial (`measure: "throughput"`): steps per timing, timings."""
 

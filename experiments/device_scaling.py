@@ -22,28 +22,16 @@ K, BATCH, MNIST_TRAIN = 16, 16, 60_000
 
 def get_config(quick: bool = False) -> dict:
     fixed = {
-        "model": "lenet",
-        "dataset": "mnist",
+        **_sweep.LENET_MNIST,
         "batch_size": BATCH,
-        "learning_rate": 0.01,
-        "momentum": 0.9,
-        "weight_decay": 1e-4,
         "algorithm": "sma",
         "alpha": 0.1,
-        "central_momentum": 0.9,
         "epochs": 1,
         "eval_every": MNIST_TRAIN // (K * BATCH) // 4,
     }
     grid = [{"num_devices": d, "learners_per_device": K // d} for d in (1, 2, 4, 8)]
     if quick:
-        fixed.update(
-            dataset="synthetic",
-            synthetic_like="mnist",
-            train_examples=256,
-            test_examples=64,
-            batch_size=8,
-            eval_every=0,
-        )
+        fixed.update(_sweep.QUICK_MNIST, eval_every=0)
         grid = [{"num_devices": d, "learners_per_device": 2 // d} for d in (1, 2)]
     return {
         "name": "device_scaling",

@@ -20,12 +20,8 @@ MOMENTA = (0.0,)  # 0.9 is the alpha = 0.1 point of the alpha sweep
 
 def get_config(quick: bool = False) -> dict:
     fixed = {
-        "model": "lenet",
-        "dataset": "mnist",
+        **_sweep.LENET_MNIST,
         "batch_size": BATCH,
-        "learning_rate": 0.01,
-        "momentum": 0.9,
-        "weight_decay": 1e-4,
         "algorithm": "sma",
         "learners_per_device": K,
         "epochs": 1,
@@ -35,15 +31,7 @@ def get_config(quick: bool = False) -> dict:
     }
     grid = [{"alpha": a} for a in ALPHAS] + [{"alpha": 0.1, "central_momentum": m} for m in MOMENTA]
     if quick:
-        fixed.update(
-            dataset="synthetic",
-            synthetic_like="mnist",
-            train_examples=256,
-            test_examples=64,
-            learners_per_device=2,
-            batch_size=8,
-            eval_every=0,
-        )
+        fixed.update(_sweep.QUICK_MNIST, learners_per_device=2, eval_every=0)
         grid = [{"alpha": 0.1}, {"alpha": 0.1, "central_momentum": 0.0}]
     return {
         "name": "sensitivity",

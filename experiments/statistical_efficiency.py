@@ -45,14 +45,10 @@ takes the most epochs, once)."""
 
 def get_config(quick: bool = False) -> dict:
     fixed = {
-        "model": "lenet",
-        "dataset": "mnist",
+        **_sweep.LENET_MNIST,
         "batch_size": BATCH,
         "learning_rate": LR,
-        "momentum": 0.9,
-        "weight_decay": 1e-4,
         "alpha": ALPHA,
-        "central_momentum": 0.9,
         "epochs": 10,
         "target_accuracy": 0.99,
         "num_devices": 1,
@@ -62,14 +58,7 @@ def get_config(quick: bool = False) -> dict:
         p["seeds"] = 1 if p["k"] == 16 and p["variant"] == "ssgd" else SEEDS[p["k"]]
     seeds = 3
     if quick:
-        fixed.update(
-            dataset="synthetic",
-            synthetic_like="mnist",
-            train_examples=256,
-            test_examples=64,
-            epochs=1,
-            batch_size=8,
-        )
+        fixed.update(_sweep.QUICK_MNIST, epochs=1)
         grid, seeds = points((2,), 8, LR, None), 1
         for p in grid:
             p["warmup_epochs"] = min(p.get("warmup_epochs", 0.0), 0.5)
