@@ -259,3 +259,26 @@ def test_cli_tune_writes_json_and_png(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert cli.main(argv[:1] + ["--learners-per-device", "2"]) == 2
     assert cli.main(argv + ["--tune-threshold", "-1"]) == 2
+
+
+def test_tuning_options_come_from_the_train_config():
+    from crossbow_jax.engine.config import TrainConfig
+    from crossbow_jax.tuning.tuner import _options_from_config
+
+    cfg = TrainConfig(
+        tune_strategy="doubling",
+        tune_threshold=0.2,
+        tune_max_learners=3,
+        tune_steps=4,
+        tune_repeats=2,
+        tune_memory_limit=2**20,
+    )
+    assert _options_from_config(cfg, {}) == {
+        "strategy": "doubling",
+        "threshold": 0.2,
+        "max_learners": 3,
+        "steps": 4,
+        "repeats": 2,
+        "memory_limit": 2**20,
+    }
+    assert _options_from_config(cfg, {"steps": 7})["steps"] == 7

@@ -39,6 +39,7 @@ _CONFIG_FIELDS = {
     "max_learners": ("tune_max_learners", DEFAULT_MAX_LEARNERS),
     "steps": ("tune_steps", DEFAULT_STEPS),
     "repeats": ("tune_repeats", DEFAULT_REPEATS),
+    "memory_limit": ("tune_memory_limit", None),
 }
 
 
@@ -144,7 +145,7 @@ def search_learners(
 
 def _options_from_config(cfg: TrainConfig, overrides: dict[str, Any]) -> dict[str, Any]:
     """Tuning options: explicit overrides, else `TrainConfig.tune_*` fields, else defaults."""
-    unknown = sorted(set(overrides) - set(_CONFIG_FIELDS) - {"memory_limit", "log"})
+    unknown = sorted(set(overrides) - set(_CONFIG_FIELDS) - {"log"})
     if unknown:
         raise ConfigError(f"unknown tuning option(s) {unknown}")
     options = {k: getattr(cfg, field, default) for k, (field, default) in _CONFIG_FIELDS.items()}
