@@ -251,3 +251,15 @@ def test_host_fed_data_trains_exactly_like_device_resident_data(mapper):
     for a, b in zip(leaves(device.params), leaves(host.params), strict=True):
         np.testing.assert_array_equal(a, b)
     assert host.accuracy == device.accuracy and host.steps == device.steps
+
+
+@pytest.mark.parametrize("mapper", ["shard_map", "pmap"])
+def test_compile_time_counts_the_initialisation_programs(mapper):
+    from crossbow_jax.engine.loop import Run
+    from crossbow_jax.engine.programs import build_state
+
+    cfg = TrainConfig(batch_size=8, learners_per_device=2, num_devices=2, mapper=mapper)
+    run = Run(cfg, MLP(), TRAIN, TEST)
+    assert run.compiled.compile_time == 0.0
+    build_state(run.compiled, run.mesh)
+    assert run.compiled.compile_time > 0.0

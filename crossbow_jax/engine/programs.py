@@ -238,13 +238,15 @@ class Compiled:
 
 
 def build_state(c: Compiled, mesh) -> TrainState:
-    """Fresh state: all learners equal to one initialisation, on every device."""
+    """Fresh state: all learners equal to one initialisation, on every device.
+
+    Compiling the two initialisation programs counts in `c.compile_time`.
+    """
     cfg, lay = c.cfg, c.layout
     init_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0)
     kwargs = {"train": False} if c.programs.train_flag else {}
-    variables = jax.jit(lambda k, x: c.model.init({"params": k, "dropout": k}, x, **kwargs))(
-        init_key, c.sample
-    )
+    init = jax.jit(lambda k, x: c.model.init({"params": k, "dropout": k}, x, **kwargs))
+    variables = c._timed_compile(init, init_key, c.sample)(init_key, c.sample)
     params = jax.tree.map(np.asarray, variables["params"])
     stats = jax.tree.map(np.asarray, variables.get("batch_stats", {}))
     stacked = jax.tree.map(
@@ -252,7 +254,7 @@ def build_state(c: Compiled, mesh) -> TrainState:
     )
     put = lambda tree: mapping.put_on_devices(tree, mesh)
     params_g = put(stacked)
-    opt_state = c._jit(c.transform.init)(params_g)
+    opt_state = c._timed_compile(c._jit(c.transform.init), params_g)(params_g)
     return TrainState(
         params_g,
         put(mapping.replicate(stats, lay.devices)),
