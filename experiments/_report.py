@@ -13,6 +13,13 @@ a group where no run has the figure is marked by a triangle at c) or
     {"kind": "curve", "series": key, "where": {...}, "title": ...}
 
 (test accuracy of the central model against epochs, one thin line per run).
+Its optional `ratios` is a list of matrices, each
+
+    {"figure": f, "split": key, "over": (a, b), "rows": key, "cols": key,
+     "where": {...}, "title": ...}
+
+(one cell per (rows, cols) value: the mean of `f` over rows with
+`split == a` divided by its mean over rows with `split == b`).
 Keys are looked up in a row's labels, then its settings, then its figures;
 `where` keeps only the rows whose keys have those values.
 """
@@ -89,6 +96,29 @@ def table(config: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         cells = [str(k) for k in key] + [str(len(members))]
         cells += [summarise(members, f) for f in spec["figures"]]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def ratio_matrix(spec: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """A markdown matrix of mean(figure | split = a) / mean(figure | split = b) per cell."""
+    rows = select(rows, spec.get("where"))
+    a, b = spec["over"]
+    row_keys = list(groups(rows, [spec["rows"]]))
+    col_keys = list(groups(rows, [spec["cols"]]))
+
+    def mean(part: Any, r: Any, c: Any) -> float | None:
+        where = {spec["split"]: part, spec["rows"]: r, spec["cols"]: c}
+        got = [v for x in select(rows, where) if isinstance(v := value(x, spec["figure"]), float)]
+        return statistics.fmean(got) if got else None
+
+    head = [f"{spec['rows']} \\ {spec['cols']}", *(str(c[0]) for c in col_keys)]
+    lines = [f"{spec.get('title', '')}\n", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for (r,) in row_keys:
+        cells = []
+        for (c,) in col_keys:
+            top, bottom = mean(a, r, c), mean(b, r, c)
+            cells.append(f"{top / bottom:.2f}" if top is not None and bottom else "")
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -174,7 +204,8 @@ def render(config: dict[str, Any], rows: list[dict[str, Any]], out: Path) -> lis
     """Writes `<out>/<name>.md` (table) and `<out>/<name>.png` (plot); returns their paths."""
     out = Path(out)
     md = out / f"{config['name']}.md"
-    md.write_text(f"# {config['name']}\n\n{caption(config)}\n\n{table(config, rows)}")
+    matrices = "".join(f"\n{ratio_matrix(spec, rows)}" for spec in config.get("ratios", ()))
+    md.write_text(f"# {config['name']}\n\n{caption(config)}\n\n{table(config, rows)}{matrices}")
     written = [md]
     if config.get("plots"):
         written.append(plot(config, rows, out / f"{config['name']}.png"))

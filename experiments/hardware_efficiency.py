@@ -6,7 +6,12 @@ images per step). Timed with the auto-tuner's trial (compile, one warm-up
 dispatch, median of timed dispatches; nothing is trained) on synthetic
 images of the real shape, one device.
 
-    python -m experiments.hardware_efficiency       # LeNet and ResNet-32: slow on a CPU
+On a CPU the ResNet-32 grid stops at `MAX_IMAGES` images per step (m x b;
+throughput is flat well before that on two cores) and its trials time
+single-step dispatches with fewer steps: compiling 16 unrolled ResNet-32
+learners twice over costs minutes. Set `MAX_IMAGES = {}` on a GPU.
+
+    python -m experiments.hardware_efficiency       # ~25 minutes on a 2-core CPU
     crossbow-jax sweep hardware_efficiency --quick
 """
 
@@ -15,6 +20,10 @@ from experiments import _sweep
 MODELS = {"lenet": "mnist", "resnet32": "cifar10"}
 BATCHES = (8, 16, 32, 64)
 LEARNERS = (1, 2, 4, 8, 16)
+MAX_IMAGES = {"resnet32": 256}
+"""Per model: the most images per step (m x b) the grid goes to."""
+PER_MODEL = {"resnet32": {"steps_per_dispatch": 1, "trial_steps": 4}}
+"""Per model: trial settings that replace `fixed` (see the docstring)."""
 
 
 def get_config(quick: bool = False) -> dict:
@@ -38,10 +47,12 @@ def get_config(quick: bool = False) -> dict:
             "learners_per_device": m,
             "algorithm": alg,
             "line": f"{alg} b={b}",
+            **({} if quick else PER_MODEL.get(model, {})),
         }
         for model, like in models.items()
         for b in batches
         for m in learners
+        if quick or m * b <= MAX_IMAGES.get(model, m * b)
         for alg in ("sma", "ssgd")
     ]
     return {
@@ -55,6 +66,18 @@ def get_config(quick: bool = False) -> dict:
             "group": ["model", "batch_size", "learners_per_device", "algorithm"],
             "figures": ["images_per_second", "compile_seconds"],
         },
+        "ratios": [
+            {
+                "figure": "images_per_second",
+                "split": "algorithm",
+                "over": ("sma", "ssgd"),
+                "rows": "batch_size",
+                "cols": "learners_per_device",
+                "where": {"model": m},
+                "title": f"{m}: images/s of m learners at b over one learner at m x b",
+            }
+            for m in models
+        ],
         "plots": [
             {
                 "x": "learners_per_device",

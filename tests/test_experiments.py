@@ -54,6 +54,8 @@ def test_quick_sweep_writes_rows_plot_table_and_resumes(name, out):
         assert all(r.get("reused_from") == "statistical_efficiency" for r in rows)
     assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     assert "| n |" in (out / f"{name}.md").read_text()
+    for spec in config.get("ratios", ()):
+        assert spec["title"] in (out / f"{name}.md").read_text()
 
     again = _sweep.run_sweep(config, out, log=quiet)  # nothing left to run
     assert path.read_text().splitlines() == lines and len(again) == len(rows)
@@ -117,6 +119,36 @@ def test_summaries_count_diverged_and_unreached_runs():
     ]
     assert _report.summarise(rows, "epochs_to_target") == "2.00 (1/3), 1 diverged"
     assert _report.summarise(rows[:1], "final_accuracy") == "diverged (1/1)"
+
+
+def test_ratio_matrix_divides_the_means_of_two_groups_cell_by_cell():
+    def row(alg, b, m, ips, model="lenet"):
+        return {
+            "labels": {"line": alg},
+            "settings": {
+                "algorithm": alg,
+                "batch_size": b,
+                "learners_per_device": m,
+                "model": model,
+            },
+            "figures": {"images_per_second": ips},
+        }
+
+    rows = [row("sma", 8, 1, 90.0), row("sma", 8, 1, 110.0), row("ssgd", 8, 1, 200.0)]
+    rows += [row("sma", 8, 4, 300.0), row("ssgd", 8, 4, 100.0), row("sma", 16, 1, 50.0)]
+    rows += [row("ssgd", 8, 1, 1.0, model="other")]
+    spec = {
+        "figure": "images_per_second",
+        "split": "algorithm",
+        "over": ("sma", "ssgd"),
+        "rows": "batch_size",
+        "cols": "learners_per_device",
+        "where": {"model": "lenet"},
+        "title": "ratio",
+    }
+    lines = _report.ratio_matrix(spec, rows).splitlines()
+    assert lines[0] == "ratio" and lines[2] == "| batch_size \\ learners_per_device | 1 | 4 |"
+    assert lines[4:] == ["| 8 | 0.50 | 3.00 |", "| 16 |  |  |"]  # no ssgd row at b = 16
 
 
 def test_both_front_doors_run_a_sweep(tmp_path, fake_training, capsys):
