@@ -87,12 +87,17 @@ def caption(config: dict[str, Any]) -> str:
     return text
 
 
+def _order(item: tuple[tuple, Any]) -> tuple:
+    """Sorts table groups by their key values: numbers by value, then others as text."""
+    return tuple((0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)) for v in item[0])
+
+
 def table(config: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    """The markdown table of a sweep (n = runs, i.e. seeds, in the group)."""
+    """The markdown table of a sweep (n = runs, i.e. seeds, in the group), groups sorted."""
     spec = config["table"]
     head = [*spec["group"], "n", *spec["figures"]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for key, members in groups(rows, spec["group"]).items():
+    for key, members in sorted(groups(rows, spec["group"]).items(), key=_order):
         cells = [str(k) for k in key] + [str(len(members))]
         cells += [summarise(members, f) for f in spec["figures"]]
         lines.append("| " + " | ".join(cells) + " |")

@@ -20,7 +20,7 @@ def get_config(quick: bool = False) -> dict:
         "reuse": ["statistical_efficiency"],
         "caption": base["caption"].replace("epochs to", "wall-clock seconds to"),
         "table": {
-            "group": ["variant", "k"],
+            "group": ["k", "variant"],
             "figures": ["time_to_target", "epochs_to_target", "images_per_second", "compile_time"],
         },
         "plots": [

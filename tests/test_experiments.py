@@ -121,6 +121,21 @@ def test_summaries_count_diverged_and_unreached_runs():
     assert _report.summarise(rows[:1], "final_accuracy") == "diverged (1/1)"
 
 
+def test_table_sorts_groups_numbers_by_value_then_text():
+    config = {"table": {"group": ["k", "variant"], "figures": ["final_accuracy"]}}
+    rows = [
+        {"labels": {"k": k, "variant": v}, "figures": {"final_accuracy": 0.5}}
+        for k, v in [(16, "sma"), (4, "ssgd"), (4, "sma"), (None, "sma")]
+    ]
+    lines = _report.table(config, rows).splitlines()[2:]
+    assert [line.split(" | ")[:2] for line in lines] == [
+        ["| 4", "sma"],
+        ["| 4", "ssgd"],
+        ["| 16", "sma"],
+        ["| None", "sma"],
+    ]
+
+
 def test_ratio_matrix_divides_the_means_of_two_groups_cell_by_cell():
     def row(alg, b, m, ips, model="lenet"):
         return {
