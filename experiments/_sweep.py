@@ -252,6 +252,7 @@ def run_sweep(
     out: str | os.PathLike,
     *,
     seeds: int | None = None,
+    shard: tuple[int, int] = (0, 1),
     data_dir: str | None = None,
     report: bool = True,
     log=print,
@@ -261,6 +262,9 @@ def run_sweep(
     Each finished run is appended to the JSONL file at once. At the end the
     plot (`<name>.png`) and table (`<name>.md`) are drawn from the rows of
     this grid (rows of other settings in the same file are kept, not shown).
+    With `shard=(i, n)` this process runs only the runs whose place in the
+    grid's run list is i modulo n, so n processes can share a sweep (and one
+    file: each appends whole lines).
     """
     from tqdm.auto import tqdm
 
@@ -275,7 +279,8 @@ def run_sweep(
     for other in config.get("reuse", ()):
         for row in read_rows(out / f"{other}.jsonl"):
             borrowed.setdefault(row["key"], dict(row, reused_from=other))
-    todo = [r for r in runs if r["key"] not in done]
+    index, count = shard
+    todo = [r for i, r in enumerate(runs) if r["key"] not in done and i % count == index]
     log(f"{config['name']}: {len(runs)} runs, {len(runs) - len(todo)} already done -> {path}")
     data, env = _Data(data_dir), None
     bar = tqdm(todo, desc=config["name"], unit="run", dynamic_ncols=True)
@@ -308,6 +313,13 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _shard(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not I/N with 0 <= I < N, e.g. 0/2")
+    return int(index), int(count)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags shared by `python -m experiments.<name>` and `crossbow-jax sweep`."""
     parser.add_argument(
@@ -322,6 +334,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="where rows, plot and table go (default: experiments/results, "
         "or experiments/results/quick with --quick)",
     )
+    parser.add_argument(
+        "--shard",
+        type=_shard,
+        default=(0, 1),
+        metavar="I/N",
+        help="run only every N-th run, starting at I (N processes share a sweep; default 0/1)",
+    )
     parser.add_argument("--data-dir", metavar="DIR", help="data set cache (default: the package's)")
 
 
@@ -330,7 +349,7 @@ def run_from_args(name: str, args: argparse.Namespace) -> int:
     module = importlib.import_module(f"experiments.{name}")
     config = module.get_config(quick=args.quick)
     out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
-    run_sweep(config, out, seeds=args.seeds, data_dir=args.data_dir)
+    run_sweep(config, out, seeds=args.seeds, shard=args.shard, data_dir=args.data_dir)
     return 0
 
 

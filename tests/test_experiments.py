@@ -111,6 +111,16 @@ def test_half_done_sweep_resumes_with_the_missing_runs_only(tmp_path, fake_train
     assert "| a | 2 | 0.5500 ± 0.0707 | not reached (0/2) |" in table
 
 
+def test_shards_split_a_sweep_between_processes(tmp_path, fake_training):
+    config = _fake_config()  # runs: (a, 0), (b, 0), (a, 1)
+    _sweep.run_sweep(config, tmp_path, shard=(1, 2), log=quiet)
+    assert fake_training == [("b", 0)]
+    rows = _sweep.run_sweep(config, tmp_path, shard=(0, 2), log=quiet)
+    assert fake_training == [("b", 0), ("a", 0), ("a", 1)] and len(rows) == 3
+    with pytest.raises(SystemExit):
+        _sweep.main("sensitivity", ["--quick", "--shard", "2/2"])
+
+
 def test_summaries_count_diverged_and_unreached_runs():
     rows = [
         {"figures": {"status": "diverged"}},
