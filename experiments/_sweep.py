@@ -143,6 +143,9 @@ def environment() -> dict[str, Any]:
             "kind": getattr(device, "device_kind", device.platform),
             "count": jax.device_count(),
             "cpu_cores": os.cpu_count(),
+            "cpu_cores_usable": len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else os.cpu_count(),  # fewer when the process is pinned (taskset)
             "machine": platform.machine(),
         },
         "versions": {"jax": jax.__version__, "crossbow_jax": crossbow_jax.__version__},

@@ -46,7 +46,7 @@ def test_quick_sweep_writes_rows_plot_table_and_resumes(name, out):
     for row in map(json.loads, lines):
         assert ROW_FIELDS <= set(row), sorted(ROW_FIELDS - set(row))
         assert row["versions"]["jax"] and row["versions"]["crossbow_jax"]
-        assert row["device"]["platform"] == "cpu"
+        assert row["device"]["platform"] == "cpu" and row["device"]["cpu_cores_usable"] >= 1
         assert row["figures"]["images_per_second"] > 0
         if config["measure"] == "train":
             assert 0 <= row["figures"]["final_accuracy"] <= 1 and row["figures"]["curve"]
