@@ -195,7 +195,8 @@ def plot(config: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> Path
     import matplotlib.pyplot as plt
 
     panels = config.get("plots", [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
+    width = max(7.0, 4.6 * len(panels))  # room for the caption above one panel
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, 3.6), squeeze=False)
     for ax, spec in zip(axes[0], panels, strict=True):
         _panel(ax, spec, rows)
     fig.suptitle(caption(config), fontsize=10)

@@ -3,12 +3,14 @@ a stand-in for CIFAR-10): the `statistical_efficiency` grid with the paper's Res
 learner settings.
 
 b = 64 per learner, lr 0.1, momentum 0.9, weight decay 1e-4, alpha 0.1,
-central momentum 0.9; k in {1, 4, 16}; `ssgd_scaled` uses lr 0.1 x k with a
-1-epoch warm-up. Target 0.92 test accuracy, an assumed point just under the
+central momentum 0.9, crop+flip augmentation; `ssgd_scaled` uses lr 0.1 x k
+with a 1-epoch warm-up. Sized for a 2-core CPU (about 250 images/s for
+ResNet-32 there): k = 4 only, the first `TRAIN` training images (epochs
+count those), target 0.87 test accuracy on all 10k test images, at most
+6 epochs, evaluated at epoch ends. 0.87 is a CPU-budget target below the
 plateau of ResNets on Fashion-MNIST (about 0.93-0.95 in the literature; not
-measured here), at most 30 epochs, evaluated at epoch ends (an evaluation of
-10k test images costs as much as a slice of an epoch on a CPU). Far too slow
-for a 2-core CPU (docs/results.md); meant for a GPU machine.
+reached here). On a GPU set `KS = (1, 2, 4, 8, 16)`, `TRAIN = None`,
+`TARGET = 0.92` and `EPOCHS = 30`.
 
     python -m experiments.statistical_efficiency_resnet32
     crossbow-jax sweep statistical_efficiency_resnet32 --quick    # ~1-2 minutes on a CPU
@@ -16,7 +18,8 @@ for a 2-core CPU (docs/results.md); meant for a GPU machine.
 
 from experiments import _sweep, statistical_efficiency
 
-KS, BATCH, LR = (1, 4, 16), 64, 0.1
+KS, BATCH, LR = (4,), 64, 0.1
+TRAIN, TARGET, EPOCHS = 15_000, 0.87, 6
 
 
 def get_config(quick: bool = False) -> dict:
@@ -27,19 +30,19 @@ def get_config(quick: bool = False) -> dict:
         grid = [p for p in config["grid"] if p["k"] == 2 and p["variant"] != "ssgd_scaled"]
         grid = [dict(p, k=1, learners_per_device=1) for p in grid]
     else:
-        fixed.update(dataset="fashion_mnist32", batch_size=BATCH, learning_rate=LR,
-                     epochs=30, target_accuracy=0.92)  # fmt: skip
+        fixed.update(dataset="fashion_mnist32", train_examples=TRAIN, batch_size=BATCH,
+                     learning_rate=LR, epochs=EPOCHS, target_accuracy=TARGET)  # fmt: skip
         grid = statistical_efficiency.points(KS, BATCH, LR, None)
-    config["plots"][0]["cap"] = fixed["epochs"]
-    config["plots"][1].update(where={"k": max(KS)}, title=f"test accuracy, k={max(KS)}",
-                              ylim=(0.8, 0.95))  # fmt: skip
+    curves = dict(config["plots"][1], where={"k": max(KS)}, ylim=(0.4, 0.9),
+                  title=f"test accuracy of z, k={max(KS)}, epochs of {TRAIN} images")  # fmt: skip
     return dict(
         config,
         name="statistical_efficiency_resnet32",
         fixed=fixed,
         grid=grid,
+        plots=[curves],  # one k, so the epochs-to-target panel would be a single column
         seeds=1 if quick else 3,
-        caption="ResNet-32 / fashion_mnist32 (CIFAR-10 stand-in): epochs to 0.92 test accuracy",
+        caption=f"ResNet-32 / fashion_mnist32 (CIFAR-10 stand-in): epochs to {TARGET} test acc.",
     )
 
 
