@@ -11,7 +11,7 @@ throughput is flat well before that on two cores) and its trials time
 single-step dispatches with fewer steps: compiling 16 unrolled ResNet-32
 learners twice over costs minutes. Set `MAX_IMAGES = {}` on a GPU.
 
-    python -m experiments.hardware_efficiency       # ~25 minutes on a 2-core CPU
+    python -m experiments.hardware_efficiency       # about 30 minutes on one CPU core
     crossbow-jax sweep hardware_efficiency --quick
 """
 
