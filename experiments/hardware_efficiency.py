@@ -7,7 +7,7 @@ dispatch, median of timed dispatches; nothing is trained) on synthetic
 images of the real shape, one device.
 
 On a CPU the ResNet-32 grid stops at `MAX_IMAGES` images per step (m x b;
-throughput is flat well before that on two cores) and its trials time
+images/s only fall as it grows on a CPU) and its trials time
 single-step dispatches with fewer steps: compiling 16 unrolled ResNet-32
 learners twice over costs minutes. Set `MAX_IMAGES = {}` on a GPU.
 
