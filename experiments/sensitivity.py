@@ -5,7 +5,7 @@ the figure is the test accuracy of the central model after that epoch (and
 its curve, evaluated every quarter epoch). alpha in {1/k = 0.0625,
 0.1, 0.2} at central momentum 0.9; central momentum in {0, 0.9} at
 alpha 0.1. The paper's stability condition is roughly alpha * k < 2, so
-alpha = 0.2 (alpha * k = 3.2) is past it.
+alpha = 0.2 (alpha * k = 3.2) is past it. Three seeds per point.
 
     python -m experiments.sensitivity [--seeds N]
     crossbow-jax sweep sensitivity --quick
@@ -38,7 +38,7 @@ def get_config(quick: bool = False) -> dict:
         "measure": "train",
         "fixed": fixed,
         "grid": grid,
-        "seeds": 1,
+        "seeds": 1 if quick else 3,
         "caption": f"SMA sensitivity, LeNet / MNIST, k={fixed['learners_per_device']}, 1 epoch",
         "table": {
             "group": ["alpha", "central_momentum"],
