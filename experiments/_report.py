@@ -46,6 +46,11 @@ def select(rows: list[dict[str, Any]], where: dict[str, Any] | None) -> list[dic
     return [r for r in rows if all(value(r, k) == v for k, v in (where or {}).items())]
 
 
+def numbers(rows: list[dict[str, Any]], figure: str) -> list[float]:
+    """The numeric values of `figure` over `rows` (runs without it, e.g. unreached, left out)."""
+    return [v for r in rows if isinstance(v := value(r, figure), (int, float))]
+
+
 def groups(rows: list[dict[str, Any]], keys: list[str]) -> dict[tuple, list[dict[str, Any]]]:
     """Rows grouped by the values of `keys`, in the order first seen."""
     out: dict[tuple, list[dict[str, Any]]] = {}
@@ -66,14 +71,14 @@ def summarise(rows: list[dict[str, Any]], figure: str) -> str:
     """One table cell: mean ± std (n) of a figure over runs; notes runs that failed it."""
     n = len(rows)
     diverged = sum(value(r, "status") == "diverged" for r in rows)
-    numbers = [v for r in rows if isinstance(v := value(r, figure), (int, float)) and v is not None]
-    if not numbers:
+    found = numbers(rows, figure)
+    if not found:
         return f"diverged ({diverged}/{n})" if diverged else f"not reached (0/{n})"
-    mean = statistics.fmean(numbers)
+    mean = statistics.fmean(found)
     text = _number(mean, figure)
-    if len(numbers) > 1:
-        text += f" ± {_number(statistics.stdev(numbers), figure)}"
-    text += f" ({len(numbers)}/{n})" if len(numbers) < n or figure.endswith("to_target") else ""
+    if len(found) > 1:
+        text += f" ± {_number(statistics.stdev(found), figure)}"
+    text += f" ({len(found)}/{n})" if len(found) < n or figure.endswith("to_target") else ""
     if diverged:
         text += f", {diverged} diverged"
     return text
@@ -113,7 +118,7 @@ def ratio_matrix(spec: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
     def mean(part: Any, r: Any, c: Any) -> float | None:
         where = {spec["split"]: part, spec["rows"]: r, spec["cols"]: c}
-        got = [v for x in select(rows, where) if isinstance(v := value(x, spec["figure"]), float)]
+        got = numbers(select(rows, where), spec["figure"])
         return statistics.fmean(got) if got else None
 
     head = [f"{spec['rows']} \\ {spec['cols']}", *(str(c[0]) for c in col_keys)]
@@ -146,14 +151,12 @@ def _panel(ax, spec: dict[str, Any], rows: list[dict[str, Any]]) -> None:
         for i, (s, members) in enumerate(groups(rows, [series] if series else []).items()):
             points = []
             for x, group in groups(members, [spec["x"]]).items():
-                ys = [v for r in group if isinstance(v := value(r, spec["y"]), (int, float))]
+                ys = numbers(group, spec["y"])
                 if ys:
                     sd = statistics.stdev(ys) if len(ys) > 1 else 0.0
                     points.append((x[0], statistics.fmean(ys), sd))
             missed = [
-                x[0]
-                for x, g in groups(members, [spec["x"]]).items()
-                if not any(isinstance(value(r, spec["y"]), (int, float)) for r in g)
+                x[0] for x, g in groups(members, [spec["x"]]).items() if not numbers(g, spec["y"])
             ]
             colour = f"C{i}"
             if points:
