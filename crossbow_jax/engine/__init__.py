@@ -2,7 +2,7 @@
 
 from crossbow_jax.engine.config import ConfigError, TrainConfig
 from crossbow_jax.engine.loop import TrainingDiverged, TrainResult, train
-from crossbow_jax.engine.mapping import DEVICE_AXIS, device_map, make_mesh
+from crossbow_jax.engine.mapping import DEVICE_AXIS, device_map, make_mesh, put_on_devices
 
 __all__ = [
     "DEVICE_AXIS",
@@ -12,5 +12,6 @@ __all__ = [
     "TrainingDiverged",
     "device_map",
     "make_mesh",
+    "put_on_devices",
     "train",
 ]

@@ -77,7 +77,9 @@ def device_map(
         **pmap_kwargs: extra arguments for `jax.pmap` (e.g. `donate_argnums`).
 
     Returns:
-        The mapped function (under "shard_map", wrap it in `jax.jit`).
+        The mapped function (under "shard_map", wrap it in `jax.jit`). In a
+        loop of your own, place its inputs with `put_on_devices` and wait for
+        a result every few steps (docs/usage.md, "Feeding your own loop").
     """
     if mapper not in MAPPERS:
         raise ValueError(f"mapper={mapper!r} is not one of {MAPPERS}")
@@ -102,10 +104,19 @@ def device_sharding(mesh: Mesh) -> NamedSharding:
 def put_on_devices(tree: Any, mesh: Mesh) -> Any:
     """Places host arrays with a leading device axis, one slice per device.
 
-    Every process passes the same global array; each device receives only its
-    slice (`jax.make_array_from_callback`), so this works across hosts too.
+    Feed every batch of a mapped step through this rather than passing NumPy
+    arrays straight to the jitted step, and wait for a result every few steps:
+    on XLA:CPU with several devices, a loop of steps with a collective that
+    never waits can deadlock, and NumPy arguments make it far likelier
+    (docs/usage.md, "Feeding your own loop").
+
+    Every process passes the same global array. With one process this is one
+    `jax.device_put`; across processes each device receives only its slice
+    (`jax.make_array_from_callback`).
     """
     sharding = device_sharding(mesh)
+    if sharding.is_fully_addressable:
+        return jax.device_put(jax.tree.map(np.asarray, tree), sharding)
 
     def put(x):
         x = np.asarray(x)
