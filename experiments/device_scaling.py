@@ -1,7 +1,8 @@
 """Device scaling on simulated CPU devices: the same k = 16 learners split over 1, 2, 4, 8 devices.
 
 (devices, learners per device) in {(1, 16), (2, 8), (4, 4), (8, 2)}: LeNet on
-the real MNIST, b = 16, alpha 0.1, one epoch, evaluated every quarter epoch.
+the real MNIST, b = 16, alpha 0.1, one epoch, evaluated every quarter epoch,
+three seeds.
 The devices are simulated (`XLA_FLAGS=--xla_force_host_platform_device_count=8`,
 set here before JAX starts unless already set) and all share the same CPU
 cores: this checks that hierarchical SMA (per-device reduction, then one
@@ -39,7 +40,7 @@ def get_config(quick: bool = False) -> dict:
         "devices": DEVICES,
         "fixed": fixed,
         "grid": grid,
-        "seeds": 1,
+        "seeds": 1 if quick else 3,
         "caption": "same k learners over 1-8 simulated CPU devices (sharing 2 cores): "
         "statistical behaviour, not speed-up",
         "table": {
