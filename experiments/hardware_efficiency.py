@@ -6,12 +6,12 @@ images per step). Timed with the auto-tuner's trial (compile, one warm-up
 dispatch, median of timed dispatches; nothing is trained) on synthetic
 images of the real shape, one device.
 
-On a CPU the ResNet-32 grid stops at `MAX_IMAGES` images per step (m x b;
-images/s only fall as it grows on a CPU) and its trials time
-single-step dispatches with fewer steps: compiling 16 unrolled ResNet-32
-learners twice over costs minutes. Set `MAX_IMAGES = {}` on a GPU.
+ResNet-32's trials time single-step dispatches with fewer steps
+(`PER_MODEL`): on a CPU, compiling 16 unrolled ResNet-32 learners takes
+about 100 s, and a step of 1,024 images 13-22 s. `MAX_IMAGES` can cap a
+model's grid at m x b images per step; it is empty, so the grid is complete.
 
-    python -m experiments.hardware_efficiency       # about 30 minutes on one CPU core
+    python -m experiments.hardware_efficiency       # about 45 minutes on one CPU core
     crossbow-jax sweep hardware_efficiency --quick
 """
 
@@ -20,8 +20,8 @@ from experiments import _sweep
 MODELS = {"lenet": "mnist", "resnet32": "cifar10"}
 BATCHES = (8, 16, 32, 64)
 LEARNERS = (1, 2, 4, 8, 16)
-MAX_IMAGES = {"resnet32": 256}
-"""Per model: the most images per step (m x b) the grid goes to."""
+MAX_IMAGES: dict[str, int] = {}
+"""Per model: the most images per step (m x b) the grid goes to (none: all)."""
 PER_MODEL = {"resnet32": {"steps_per_dispatch": 1, "trial_steps": 4}}
 """Per model: trial settings that replace `fixed` (see the docstring)."""
 
