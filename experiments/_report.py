@@ -149,15 +149,14 @@ def _panel(ax, spec: dict[str, Any], rows: list[dict[str, Any]]) -> None:
         ax.set_ylabel("test accuracy of z")
     else:
         for i, (s, members) in enumerate(groups(rows, [series] if series else []).items()):
-            points = []
+            points, missed = [], []
             for x, group in groups(members, [spec["x"]]).items():
                 ys = numbers(group, spec["y"])
                 if ys:
                     sd = statistics.stdev(ys) if len(ys) > 1 else 0.0
                     points.append((x[0], statistics.fmean(ys), sd))
-            missed = [
-                x[0] for x, g in groups(members, [spec["x"]]).items() if not numbers(g, spec["y"])
-            ]
+                else:
+                    missed.append(x[0])
             colour = f"C{i}"
             if points:
                 xs, ys, sds = zip(*sorted(points), strict=True)

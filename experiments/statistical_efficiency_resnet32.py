@@ -4,10 +4,10 @@ learner settings.
 
 b = 64 per learner, lr 0.1, momentum 0.9, weight decay 1e-4, alpha 0.1,
 central momentum 0.9, crop+flip augmentation; `ssgd_scaled` uses lr 0.1 x k
-with a 1-epoch warm-up. Sized for a 2-core CPU (about 250 images/s for
-ResNet-32 there): k = 4 only, the first `TRAIN` training images (epochs
-count those), target 0.87 test accuracy on all 10k test images, at most
-6 epochs, evaluated at epoch ends. 0.87 is a CPU-budget target below the
+with a 1-epoch warm-up. Sized for a 2-core CPU (51-118 images/s for these
+runs there, sharing the cores): k = 4 only, the first `TRAIN` training
+images (epochs count those), target 0.87 test accuracy on all 10k test
+images, at most 6 epochs, evaluated at epoch ends. 0.87 is a CPU-budget target below the
 plateau of ResNets on Fashion-MNIST (about 0.93-0.95 in the literature; not
 reached here). On a GPU set `KS = (1, 2, 4, 8, 16)`, `TRAIN = None`,
 `TARGET = 0.92` and `EPOCHS = 30`.
