@@ -4,7 +4,8 @@ Many small-batch model replicas ("learners") per device, kept together by
 Synchronous Model Averaging (SMA).
 """
 
-from crossbow_jax.engine import ConfigError, TrainConfig, TrainingDiverged, TrainResult, train
+from crossbow_jax.api import train
+from crossbow_jax.engine import ConfigError, TrainConfig, TrainingDiverged, TrainResult
 from crossbow_jax.transformation import SMAState, SSGDState, sma, sma_average, ssgd
 
 __version__ = "0.1.0"

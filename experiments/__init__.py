@@ -12,6 +12,8 @@ so a stopped sweep resumes), with a plot `<name>.png` and a table `<name>.md`.
 
 import importlib
 
+from experiments._sweep import add_arguments, run_from_args
+
 EXPERIMENTS = (
     "hardware_efficiency",
     "statistical_efficiency",
@@ -20,6 +22,9 @@ EXPERIMENTS = (
     "device_scaling",
     "sensitivity",
 )
+
+
+__all__ = ["EXPERIMENTS", "add_arguments", "get_config", "run_from_args"]
 
 
 def get_config(name: str, quick: bool = False) -> dict:

@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import hashlib
 import importlib
 import json
@@ -157,38 +158,28 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
-class _Data:
-    """Loads each data set once per sweep; returns `train` keyword arguments."""
+def data_loader(data_dir: str | None):
+    """The data arguments of `train` for a run's settings, each data set loaded once per sweep."""
+    from crossbow_jax.data import training_data
 
-    def __init__(self, data_dir: str | None):
-        self.data_dir, self.cache = data_dir, {}
+    @functools.cache
+    def load(name, train_examples, test_examples, like):
+        return training_data(
+            name,
+            train_examples=train_examples,
+            test_examples=test_examples,
+            like=like,
+            data_dir=data_dir,
+        )
 
-    def __call__(self, s: dict[str, Any]) -> dict[str, Any]:
-        from crossbow_jax.data import load_dataset
+    def arguments(s: dict[str, Any]) -> dict[str, Any]:
+        like = s.get("synthetic_like", "mnist") if s["dataset"] == "synthetic" else None
+        return load(s["dataset"], s.get("train_examples"), s.get("test_examples"), like)
 
-        name, n_train, n_test = s["dataset"], s.get("train_examples"), s.get("test_examples")
-        if name != "synthetic" and n_train is None and n_test is None:
-            return {"train": name, "test": None, "data_dir": self.data_dir}
-        ident = (name, n_train, n_test, s.get("synthetic_like"))
-        if ident not in self.cache:
-            options = {}
-            if name == "synthetic":
-                options = {
-                    "like": s.get("synthetic_like", "mnist"),
-                    "n_train": n_train,
-                    "n_test": n_test,
-                }
-            ds = load_dataset(name, data_dir=self.data_dir, **options)
-            self.cache[ident] = {
-                "train": (ds.train_images[:n_train], ds.train_labels[:n_train].astype("int32")),
-                "test": (ds.test_images[:n_test], ds.test_labels[:n_test].astype("int32")),
-                "augment": ds.info.augment,
-                "data_dir": self.data_dir,
-            }
-        return self.cache[ident]
+    return arguments
 
 
-def train_figures(run: dict[str, Any], data: _Data, show=None) -> dict[str, Any]:
+def train_figures(run: dict[str, Any], data, show=None) -> dict[str, Any]:
     """Trains one run; its figures: accuracy, epochs/time to target, images/s, curve.
 
     `show`, when given, is called with a short dict after every evaluation.
@@ -225,26 +216,24 @@ def train_figures(run: dict[str, Any], data: _Data, show=None) -> dict[str, Any]
     }
 
 
-def throughput_figures(run: dict[str, Any], data: _Data, show=None) -> dict[str, Any]:
+def throughput_figures(run: dict[str, Any], data, show=None) -> dict[str, Any]:
     """Times one layout (no training) with the auto-tuner's trial; images/s of all learners."""
+    from crossbow_jax.engine import make_mesh, select_devices
     from crossbow_jax.engine.config import TrainConfig
     from crossbow_jax.engine.inputs import resolve_data, resolve_model
-    from crossbow_jax.engine.loop import select_devices
-    from crossbow_jax.engine.mapping import make_mesh
     from crossbow_jax.tuning.measure import run_trial
 
     s = dict(run["settings"])
     steps, repeats = s.pop("trial_steps", 10), s.pop("trial_repeats", 3)
     options = {k: v for k, v in s.items() if k not in DATA_KEYS}
-    cfg = TrainConfig(**options, seed=run["seed"], progress=False)
+    cfg = TrainConfig(
+        **options, seed=run["seed"], progress=False, tune_steps=steps, tune_repeats=repeats
+    )
     d = data(s)
-    arrays = resolve_data(d["train"], d["test"], data_dir=d["data_dir"], augment=d.get("augment"))
+    arrays = resolve_data(d["train"], d["test"], data_dir=d["data_dir"], augment=d["augment"])
     model = resolve_model(s["model"], arrays.num_classes, cfg.dtype)
     mesh = make_mesh(select_devices(cfg.num_devices))
-    trial = run_trial(
-        cfg, model, None, arrays, mesh, cfg.learners_per_device, steps=steps, repeats=repeats
-    )
-    return trial.as_row()
+    return run_trial(cfg, model, None, arrays, mesh, cfg.learners_per_device).as_row()
 
 
 MEASURES = {"train": train_figures, "throughput": throughput_figures}
@@ -285,7 +274,7 @@ def run_sweep(
     index, count = shard
     todo = [r for i, r in enumerate(runs) if r["key"] not in done and i % count == index]
     log(f"{config['name']}: {len(runs)} runs, {len(runs) - len(todo)} already done -> {path}")
-    data, env = _Data(data_dir), None
+    data, env = data_loader(data_dir), None
     bar = tqdm(todo, desc=config["name"], unit="run", dynamic_ncols=True)
     for run in bar:
         where = {**run["labels"], "seed": run["seed"]}

@@ -5,13 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _engine_fixtures import MLP, BNNet, split, tiny_images
+from _engine_fixtures import MLP, BNNet, prepared, split, tiny_images
 
 import crossbow_jax
+from crossbow_jax.data.preprocess import crop_flip
 from crossbow_jax.engine.config import TrainConfig
-from crossbow_jax.engine.plan import plan_chunks
+from crossbow_jax.engine.plan import Layout, plan_chunks
+from crossbow_jax.engine.programs import Compiler
 from crossbow_jax.engine.schedules import learning_rate_schedule
-from crossbow_jax.engine.step import Layout, batch_indices, crop_flip
+from crossbow_jax.engine.step import batch_indices
 
 TRAIN, TEST = split()
 FAST = dict(progress=False, steps_per_dispatch=8)
@@ -141,7 +143,7 @@ def test_target_accuracy_stops_early_and_times_it():
     assert r.history[-1]["reached_target"]
 
 
-def test_reset_at_drops_puts_every_learner_on_z():
+def test_reset_at_drops_puts_every_learner_on_z(monkeypatch):
     seen = {}
     # One device, lr drop at epoch 1; stop right after the drop step.
     spe = 768 // (4 * 8)
@@ -154,20 +156,25 @@ def test_reset_at_drops_puts_every_learner_on_z():
         progress=False,
         steps_per_dispatch=1,
     )
-    from crossbow_jax.engine import loop
+    compile_train = Compiler.train
+    calls = []
 
-    run = loop.Run(TrainConfig(epochs=1 + 1 / spe, **kw), MLP(), TRAIN, TEST)
-    original = run.compiled.train
+    def spy(self, *args, **kwargs):
+        program = compile_train(self, *args, **kwargs)
 
-    def spy(chunk, state):
-        state, metrics = original(chunk, state)
-        if chunk.end == spe + 1:
-            seen["params"] = np.asarray(state.params["Dense_0"]["kernel"])[0]
-            seen["z"] = np.asarray(state.opt_state.z["Dense_0"]["kernel"])[0]
-        return state, metrics
+        def run(state, *inputs):
+            state, metrics = program(state, *inputs)
+            calls.append(1)
+            if len(calls) == spe + 1:  # one step per dispatch: this is step spe + 1
+                seen["params"] = np.asarray(state.params["Dense_0"]["kernel"])[0]
+                seen["z"] = np.asarray(state.opt_state.z["Dense_0"]["kernel"])[0]
+            return state, metrics
 
-    run.compiled.train = spy
-    run.run()
+        return run
+
+    monkeypatch.setattr(Compiler, "train", spy)
+    crossbow_jax.train(MLP(), TRAIN, TEST, epochs=1 + 1 / spe, **kw)
+    assert len(calls) == spe + 1
     learners = seen["params"]
     assert all(np.array_equal(learners[0], learners[j]) for j in range(4))
     np.testing.assert_array_equal(learners[0], seen["z"])
@@ -255,11 +262,8 @@ def test_host_fed_data_trains_exactly_like_device_resident_data(mapper):
 
 @pytest.mark.parametrize("mapper", ["shard_map", "pmap"])
 def test_compile_time_counts_the_initialisation_programs(mapper):
-    from crossbow_jax.engine.loop import Run
-    from crossbow_jax.engine.programs import build_state
-
     cfg = TrainConfig(batch_size=8, learners_per_device=2, num_devices=2, mapper=mapper)
-    run = Run(cfg, MLP(), TRAIN, TEST)
-    assert run.compiled.compile_time == 0.0
-    build_state(run.compiled, run.mesh)
-    assert run.compiled.compile_time > 0.0
+    run, data = prepared(cfg, MLP(), TRAIN, TEST)
+    assert run.compiler.seconds == 0.0
+    run.compiler.init_state(cfg.seed, data.example)
+    assert run.compiler.seconds > 0.0

@@ -11,11 +11,12 @@ import jax
 import numpy as np
 import optax
 import pytest
-from _engine_fixtures import MLP, split
+from _engine_fixtures import MLP, prepared, split
 from _resume_child import RESUME_KW
 
 import crossbow_jax
-from crossbow_jax.engine import loop
+from crossbow_jax.engine import programs
+from crossbow_jax.engine.checkpoint import Checkpointer
 from crossbow_jax.engine.config import ConfigError
 from crossbow_jax.engine.mapping import simulated_devices_flags
 
@@ -102,43 +103,25 @@ def test_finished_run_folder_needs_resume_and_the_same_config(tmp_path):
 
 def test_divergence_stops_with_a_clear_message_and_keeps_good_checkpoints(tmp_path):
     lr = optax.piecewise_constant_schedule(0.05, {30: 1e12})
+    kw = dict(
+        batch_size=8,
+        learners_per_device=2,
+        num_devices=2,
+        epochs=8,
+        steps_per_dispatch=4,
+        checkpoint_every=8,
+        checkpoint_dir=str(tmp_path),
+        progress=False,
+    )
     with pytest.raises(crossbow_jax.TrainingDiverged, match=r"loss became (nan|inf) at step"):
-        crossbow_jax.train(
-            MLP(),
-            TRAIN,
-            TEST,
-            optimizer=optax.sgd(lr),
-            batch_size=8,
-            learners_per_device=2,
-            num_devices=2,
-            epochs=8,
-            steps_per_dispatch=4,
-            checkpoint_every=8,
-            checkpoint_dir=str(tmp_path),
-            progress=False,
-        )
+        crossbow_jax.train(MLP(), TRAIN, TEST, optimizer=optax.sgd(lr), **kw)
     saved = checkpoint_steps(tmp_path)
     assert saved and saved[-1] <= 32
-    run = loop.Run(
-        crossbow_jax.TrainConfig(
-            batch_size=8,
-            learners_per_device=2,
-            num_devices=2,
-            epochs=8,
-            steps_per_dispatch=4,
-            checkpoint_every=8,
-            checkpoint_dir=str(tmp_path),
-            resume=True,
-            progress=False,
-        ),
-        MLP(),
-        TRAIN,
-        TEST,
-        optimizer=optax.sgd(lr),
-    )
-    from crossbow_jax.engine.programs import build_state
-
-    state, record = run.checkpointer.restore(build_state(run.compiled, run.mesh))
+    cfg = crossbow_jax.TrainConfig(resume=True, **kw)
+    run, data = prepared(cfg, MLP(), TRAIN, TEST, optimizer=optax.sgd(lr))
+    checkpointer = Checkpointer(cfg.checkpoint_dir, cfg)
+    state, record = checkpointer.restore(run.compiler.init_state(cfg.seed, data.example))
+    checkpointer.close()
     assert all(np.all(np.isfinite(x)) for x in leaves(state.params))
     assert all(np.isfinite(row["loss"]) for row in record["history"])
 
@@ -159,7 +142,7 @@ BAD = [
 
 @pytest.mark.parametrize("kwargs, match", BAD, ids=[m for _, m in BAD])
 def test_bad_settings_fail_before_any_work(kwargs, match, monkeypatch):
-    monkeypatch.setattr(loop, "Compiled", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(programs, "TrainInputs", lambda *a, **k: pytest.fail("work started"))
     kw = {
         "batch_size": 8,
         "learners_per_device": 2,
@@ -173,7 +156,7 @@ def test_bad_settings_fail_before_any_work(kwargs, match, monkeypatch):
 
 
 def test_bad_data_and_model_fail_before_any_work(tmp_path, monkeypatch):
-    monkeypatch.setattr(loop, "Compiled", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(programs, "TrainInputs", lambda *a, **k: pytest.fail("work started"))
     x, y = TRAIN
     with pytest.raises(ConfigError, match=r"test examples have shape \(4,\) but train"):
         crossbow_jax.train(MLP(), TRAIN, (TEST[0][:, :4], TEST[1]), progress=False)

@@ -16,7 +16,7 @@ from crossbow_jax.tuning.measure import free_memory, is_out_of_memory
 # the search at 3 learners per device, 32 at 2, which keeps these tests short.
 SMALL_TRAIN, _ = split(n_train=48, n_test=48)
 TINY_TRAIN, TINY_TEST = split(n_train=32, n_test=32)
-TUNE = {"batch_size": 8, "num_devices": 2, "steps": 3, "repeats": 2, "log": None}
+TUNE = {"batch_size": 8, "num_devices": 2, "tune_steps": 3, "tune_repeats": 2, "log": None}
 
 # Recorded curves: images/s by learners per device.
 RISING = {m: 100.0 * 1.2**m for m in range(1, 33)}  # always +20%
@@ -143,7 +143,7 @@ def test_out_of_memory_errors_are_recognised():
 
 
 def test_tune_measures_a_curve_and_guards_memory(tmp_path):
-    r = tune(MLP(), SMALL_TRAIN, max_learners=2, json_path=tmp_path / "t.json", **TUNE)
+    r = tune(MLP(), SMALL_TRAIN, tune_max_learners=2, json_path=tmp_path / "t.json", **TUNE)
     assert r["max_learners"] == 2 and r["devices"] == 2 and r["platform"] == "cpu"
     rows = r["curve"]
     assert r["chosen"] in (1, 2) and [row["learners"] for row in rows] == [1, 2]
@@ -156,21 +156,21 @@ def test_tune_measures_a_curve_and_guards_memory(tmp_path):
 
     # A limit of the 1-learner estimate: 2 learners are compiled but not run.
     one = rows[0]["memory_bytes"]
-    r = tune(MLP(), SMALL_TRAIN, memory_limit=one, **TUNE)
+    r = tune(MLP(), SMALL_TRAIN, tune_memory_limit=one, **TUNE)
     assert r["chosen"] == 1
     assert [row["status"] for row in r["curve"]] == ["ok", "memory"]
     assert r["curve"][1]["images_per_second"] is None
     with pytest.raises(ConfigError, match="even 1 learner"):
-        tune(MLP(), SMALL_TRAIN, memory_limit=one - 1, **TUNE)
+        tune(MLP(), SMALL_TRAIN, tune_memory_limit=one - 1, **TUNE)
 
 
 def test_out_of_memory_during_a_trial_ends_the_search(monkeypatch):
     real = measure_mod._dispatch
 
-    def dispatch(compiled, chunk, state):
-        if compiled.layout.learners >= 2:
+    def dispatch(run, program, chunks, state):
+        if run.layout.learners >= 2:
             raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
-        return real(compiled, chunk, state)
+        return real(run, program, chunks, state)
 
     monkeypatch.setattr(measure_mod, "_dispatch", dispatch)
     r = tune(MLP(), SMALL_TRAIN, **TUNE)
@@ -182,14 +182,14 @@ def test_out_of_memory_during_a_trial_ends_the_search(monkeypatch):
     def broken(*args):
         raise RuntimeError("something else went wrong")
 
-    monkeypatch.setattr(measure_mod, "Compiled", broken)
+    monkeypatch.setattr(measure_mod, "prepare", broken)
     with pytest.raises(RuntimeError, match="something else"):
         tune(MLP(), SMALL_TRAIN, **TUNE)  # not out of memory: the error propagates
 
 
 def test_bad_tuning_options_are_config_errors():
     with pytest.raises(ConfigError, match="strategy"):
-        tune(MLP(), SMALL_TRAIN, strategy="random", **TUNE)
+        tune(MLP(), SMALL_TRAIN, tune_strategy="random", **TUNE)
     with pytest.raises(ConfigError, match="training set"):
         tune(MLP(), SMALL_TRAIN, **{**TUNE, "batch_size": 64})
 
@@ -241,8 +241,8 @@ def test_plot_is_a_png(tmp_path):
 
 
 def test_cli_tune_writes_json_and_png(tmp_path, capsys):
-    cli = pytest.importorskip("crossbow_jax.cli")
-    pytest.importorskip("crossbow_jax.cli._common")
+    from crossbow_jax import cli
+
     json_path, png = tmp_path / "tune.json", tmp_path / "tune.png"
     argv = [
         "tune", "--model", "lenet", "--dataset", "synthetic", "--synthetic-like", "mnist",
@@ -262,10 +262,14 @@ def test_cli_tune_writes_json_and_png(tmp_path, capsys):
 
 
 def test_tuning_options_come_from_the_train_config():
+    from crossbow_jax.engine import make_mesh, select_devices
     from crossbow_jax.engine.config import TrainConfig
-    from crossbow_jax.tuning.tuner import _options_from_config
+    from crossbow_jax.engine.inputs import resolve_data
+    from crossbow_jax.tuning.measure import Trial
+    from crossbow_jax.tuning.tuner import search_learners
 
     cfg = TrainConfig(
+        batch_size=8,
         tune_strategy="doubling",
         tune_threshold=0.2,
         tune_max_learners=3,
@@ -273,7 +277,16 @@ def test_tuning_options_come_from_the_train_config():
         tune_repeats=2,
         tune_memory_limit=2**20,
     )
-    assert _options_from_config(cfg, {}) == {
+    seen = []
+
+    def measure(cfg, model, optimizer, data, mesh, m):  # a rising curve, no device work
+        seen.append(cfg)
+        return Trial(m, 100.0 * 2**m, None, "ok")
+
+    data, mesh = resolve_data(SMALL_TRAIN, None), make_mesh(select_devices(1))
+    r = search_learners(cfg, MLP(), None, data, mesh, log=None, measure=measure)
+    options = ("strategy", "threshold", "max_learners", "steps", "repeats", "memory_limit")
+    assert {k: r[k] for k in options} == {
         "strategy": "doubling",
         "threshold": 0.2,
         "max_learners": 3,
@@ -281,4 +294,13 @@ def test_tuning_options_come_from_the_train_config():
         "repeats": 2,
         "memory_limit": 2**20,
     }
-    assert _options_from_config(cfg, {"steps": 7})["steps"] == 7
+    assert [row["learners"] for row in r["curve"]] == [1, 2, 3] and r["chosen"] == 3
+    assert all(c is cfg for c in seen)  # each trial reads its options from the config
+    r = search_learners(cfg.replace(tune_steps=7), MLP(), None, data, mesh, log=None,
+                        measure=measure)  # fmt: skip
+    assert r["steps"] == 7
+
+
+def test_tuning_options_by_their_old_names_are_refused_with_the_field_meant():
+    with pytest.raises(ConfigError, match=r"unknown option.*steps -> tune_steps"):
+        tune(MLP(), SMALL_TRAIN, steps=3, log=None)

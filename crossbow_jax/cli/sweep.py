@@ -2,7 +2,7 @@
 
 The experiments live beside the package (in the source tree, not in the
 installed wheel): each is `experiments/<name>.py` with `get_config(quick)`,
-run by the shared runner `experiments._sweep` (see docs/results.md).
+run by the shared runner in `experiments/_sweep.py` (see docs/results.md).
 """
 
 from __future__ import annotations
@@ -55,12 +55,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("name", nargs="?", help="the experiment (see --list)")
     parser.add_argument("--list", action="store_true", help="list the experiments and exit")
     try:
-        _experiments()
+        experiments = _experiments()
     except _common.UsageError:
         return  # no source tree: `run` says so
-    from experiments import _sweep
-
-    _sweep.add_arguments(parser)
+    experiments.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,6 +73,4 @@ def run(args: argparse.Namespace) -> int:
         raise _common.UsageError(
             f"unknown experiment {args.name!r}; choose from {', '.join(experiments.EXPERIMENTS)}"
         )
-    from experiments import _sweep
-
-    return _sweep.run_from_args(args.name, args)
+    return experiments.run_from_args(args.name, args)

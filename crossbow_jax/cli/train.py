@@ -58,8 +58,8 @@ def run(args: argparse.Namespace) -> int:
         args.model, **_common.data_arguments(args), **dataclasses.asdict(config)
     )
     if main_process:
-        if args.output:
-            write_run_files(args.output, result, model=args.model, dataset=args.dataset)
+        if config.checkpoint_dir:
+            write_run_files(config.checkpoint_dir, result, model=args.model, dataset=args.dataset)
         print(result_line(result), flush=True)
     return 0
 

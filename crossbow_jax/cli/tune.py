@@ -54,28 +54,18 @@ def run(args: argparse.Namespace) -> int:
     config = _common.config_from_args(args)  # bad flags fail here, before anything starts
     _common.start_processes(args)
     main_process = distributed.is_main_process()
-    json_path = args.json or (os.path.join(args.output, "tuning.json") if args.output else None)
+    folder = config.checkpoint_dir
+    json_path = args.json or (os.path.join(folder, "tuning.json") if folder else None)
 
-    # The run's settings; the tuning options go by name below (whether or not
-    # `TrainConfig` carries `tune_*` fields), the run-folder ones do not apply.
+    # The run's settings and the search's (`tune_*`); the run folder's do not apply.
     skip = {"learners_per_device", "checkpoint_dir", "resume", "progress"}
-    fields = {
-        k: v
-        for k, v in dataclasses.asdict(config).items()
-        if k not in skip and not k.startswith("tune_")
-    }
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
     data = _common.data_arguments(args)
     tuner.tune(
         args.model,
         data["train"],
         data_dir=data["data_dir"],
         augment=data["augment"],
-        strategy=args.tune_strategy,
-        threshold=args.tune_threshold,
-        max_learners=args.tune_max_learners,
-        steps=args.tune_steps,
-        repeats=args.tune_repeats,
-        memory_limit=args.tune_memory_limit,
         log=(lambda line: print(line, flush=True)) if main_process else None,
         json_path=json_path if main_process else None,
         plot_path=args.plot if main_process else None,

@@ -254,3 +254,39 @@ def prepare(name: str, data_dir: str | os.PathLike | None = None) -> Path:
     base = spec.base or name
     _arrays(base, data_dir, download=True, verify=True)
     return _cache_file(base, data_dir)
+
+
+def training_data(
+    name: str,
+    *,
+    train_examples: int | None = None,
+    test_examples: int | None = None,
+    like: str | None = None,
+    data_dir: str | os.PathLike | None = None,
+) -> dict:
+    """The data arguments of `crossbow_jax.train` for a data set chosen by name.
+
+    A whole named data set is passed by name (the engine loads it, with the
+    data set's published normalisation). With `train_examples` or
+    `test_examples` (the first N of a split), or for `"synthetic"` (N of each
+    split generated, shaped like `like`), the data set is loaded here and
+    passed as arrays with its own augmentation; the engine then normalises
+    with the mean and standard deviation of those arrays.
+
+    Returns:
+        `{"train", "test", "augment", "data_dir"}`, to pass as keyword arguments.
+    """
+    if name != "synthetic" and train_examples is None and test_examples is None:
+        return {"train": name, "test": None, "augment": None, "data_dir": data_dir}
+    options = {}
+    if name == "synthetic":
+        options = {"n_train": train_examples, "n_test": test_examples}
+        if like is not None:
+            options["like"] = like
+    ds = load_dataset(name, data_dir=data_dir, **options)
+    return {
+        "train": (ds.train_images[:train_examples], ds.train_labels[:train_examples]),
+        "test": (ds.test_images[:test_examples], ds.test_labels[:test_examples]),
+        "augment": ds.info.augment,
+        "data_dir": data_dir,
+    }

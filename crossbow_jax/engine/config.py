@@ -1,9 +1,18 @@
-"""The one configuration both front doors (Python and the shell) fill in."""
+"""The one configuration both front doors (Python and the shell) fill in.
+
+Every `TrainConfig` field carries its rule, its help text and its group in
+the field's metadata (`option(...)`). That is the one source: validation
+(`TrainConfig.validate`), the class docstring, and the `crossbow-jax` flags
+with their choices and defaults (`crossbow_jax/cli/_common.py`) are all
+made from it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
 import os
 from typing import Any
 
@@ -14,155 +23,232 @@ DTYPES = ("float32", "bfloat16")
 TUNE_STRATEGIES = ("linear", "doubling")
 PLACEMENTS = ("auto", "device", "host")
 
+GROUPS = (
+    "learners and algorithm",
+    "learner optimiser (SGD) and schedule",
+    "SMA",
+    "execution",
+    "run folder",
+    "auto-tuning (docs/tuning.md)",
+)
+
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; raised before any training."""
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Everything that decides a training run.
+class Range:
+    """The numbers a field accepts: above `low` (or at it, if `low_in`), below `high`."""
 
-    Attributes:
-        batch_size: images per learner per step (b).
-        learners_per_device: learners on every device (m); an int >= 1, or
-            "auto" to pick it by measured throughput (the tuning package).
-        algorithm: "sma" (k = m x devices learners at batch b, kept together
-            by SMA) or "ssgd" (the fair baseline: one learner per device at
-            batch m x b, gradients averaged across devices).
-        epochs: epochs of training data consumed by all learners together.
-        seed: seeds initialisation, data order, augmentation and dropout.
-        learning_rate: the learner optimiser's base learning rate, used when
-            no optax optimiser is passed to `train`.
-        momentum: learner SGD momentum (default optimiser).
-        weight_decay: learner weight decay (default optimiser).
-        lr_milestones: epochs at which the learning rate is multiplied by
-            `lr_gamma` (multistep schedule, counted in epochs).
-        lr_gamma: the factor at each milestone.
-        warmup_epochs: linear warm-up of the learning rate from 0.
-        reset_at_drops: move every learner onto z at each milestone (SMA).
-        alpha: SMA correction step; None means 1/k.
-        central_momentum: SMA momentum of the central model.
-        eval_every: evaluate z every this many steps (0: only at epoch ends).
-        steps_per_dispatch: steps run by one device call (`lax.scan`); None
-            picks per platform (see `unroll_steps`).
-        unroll_steps: unroll the scan over steps into one straight-line
-            program. None picks per platform: on CPU, XLA runs a loop body
-            about 5x slower than the same code unrolled (docs/performance.md),
-            so CPU runs 2 unrolled steps per dispatch; elsewhere a rolled scan
-            of 50 steps.
-        execution: how learners' forward/backward run on a device: "vmap",
-            "unroll" (a loop unrolled in one program), or "auto" (unroll on
-            CPU, vmap elsewhere; see docs/performance.md).
-        mapper: "shard_map" or "pmap".
-        data_placement: "device" keeps the training set resident on every
-            device and gathers batches there; "host" assembles batches on the
-            host and feeds them ahead of use (for data too big for device
-            memory; streamed data sets such as ImageNet always use it);
-            "auto" picks "host" only when the training set would take more
-            than half of a device's free memory.
-        num_devices: use the first n local devices (None: all).
-        dtype: compute dtype of the model ("float32" or "bfloat16").
-        target_accuracy: stop when the test accuracy of z reaches it.
-        checkpoint_dir: where orbax checkpoints go (None: no checkpoints).
-        checkpoint_every: checkpoint every this many steps (and at the end).
-        resume: continue from the latest checkpoint in `checkpoint_dir`.
-        progress: show a progress bar.
-        tune_strategy: "linear" (the paper's rule) or "doubling", for
-            `learners_per_device="auto"` (docs/tuning.md).
-        tune_threshold: keep adding learners while throughput gains more than this.
-        tune_max_learners: the most learners per device the tuner tries.
-        tune_steps: steps per timed dispatch in a tuning trial.
-        tune_repeats: timed dispatches per trial (the median is used).
-        tune_memory_limit: bytes a trial's program may use (None: the
-            device's free memory where it reports one).
+    low: float
+    low_in: bool = False
+    high: float | None = None
+    high_in: bool = False
+
+    def __contains__(self, x: float) -> bool:
+        above = x >= self.low if self.low_in else x > self.low
+        below = self.high is None or (x <= self.high if self.high_in else x < self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>=' if self.low_in else '>'} {self.low:g}"
+        left, right = "[" if self.low_in else "(", "]" if self.high_in else ")"
+        return f"in {left}{self.low:g}, {self.high:g}{right}"
+
+
+POSITIVE = Range(0)
+NON_NEGATIVE = Range(0, low_in=True)
+UNIT = Range(0, low_in=True, high=1)  # [0, 1)
+
+
+def option(default: Any, help: str, group: str, **rule: Any) -> Any:
+    """A `TrainConfig` field with its help, group and rule.
+
+    Args:
+        default: the field's default.
+        help: what the field means, one phrase; "(default: ...)" in it
+            replaces the generated one.
+        group: one of `GROUPS` (how `--help` groups the flags).
+        **rule: `choices` (a tuple of strings); `at_least` (an int field's
+            smallest value); `range` (a `Range` for a number); `none` (what
+            None means, for an optional field); `auto` (the string "auto" is
+            accepted too); `identity` (False: a resumed run may change it);
+            and for the shell only: `flags`, `metavar`, `cli_default`,
+            `cli_type` (a parser taking the flag's text).
     """
+    if group not in GROUPS:
+        raise ValueError(f"group {group!r} is not one of {GROUPS}")
+    return dataclasses.field(default=default, metadata={"help": help, "group": group, **rule})
 
-    batch_size: int = 16
-    learners_per_device: int | str = 4
-    algorithm: str = "sma"
-    epochs: float = 5
-    seed: int = 0
-    learning_rate: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    lr_milestones: tuple[float, ...] = ()
-    lr_gamma: float = 0.1
-    warmup_epochs: float = 0.0
-    reset_at_drops: bool = False
-    alpha: float | None = None
-    central_momentum: float = 0.9
-    eval_every: int = 0
-    steps_per_dispatch: int | None = None
-    unroll_steps: bool | None = None
-    execution: str = "auto"
-    mapper: str = "shard_map"
-    data_placement: str = "auto"
-    num_devices: int | None = None
-    dtype: str = "float32"
-    target_accuracy: float | None = None
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 0
-    resume: bool = False
-    progress: bool = True
-    tune_strategy: str = "linear"
-    tune_threshold: float = 0.1
-    tune_max_learners: int = 16
-    tune_steps: int = 10
-    tune_repeats: int = 5
-    tune_memory_limit: int | None = None
+
+_L, _O, _S, _E, _R, _T = GROUPS
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run (the docstring is made from the fields)."""
+
+    batch_size: int = option(16, "images per learner per step (b)", _L, at_least=1, metavar="B")
+    learners_per_device: int | str = option(
+        4,
+        "learners on every device (m), or 'auto' to choose m by measured throughput "
+        "(docs/tuning.md)",
+        _L, at_least=1, auto=True, metavar="M", cli_default="auto",
+    )  # fmt: skip
+    algorithm: str = option(
+        "sma",
+        "sma: m x devices learners at batch b, kept together by SMA; ssgd: the "
+        "synchronous-SGD baseline, one learner per device at batch m x b",
+        _L, choices=ALGORITHMS,
+    )  # fmt: skip
+    epochs: float = option(
+        5, "epochs of training data consumed by all learners together (may be fractional)",
+        _L, range=POSITIVE, metavar="E", identity=False,
+    )  # fmt: skip
+    seed: int = option(
+        0, "seeds initialisation, data order, augmentation and dropout", _L, at_least=0
+    )
+    target_accuracy: float | None = option(
+        None,
+        "stop when the central model's test accuracy reaches this, and report the time "
+        "to reach it (default: none, train all epochs)",
+        _L, range=Range(0, high=1, high_in=True), metavar="ACC", identity=False,
+    )  # fmt: skip
+    learning_rate: float = option(
+        0.05, "the learner optimiser's base learning rate (the default optimiser)", _O,
+        range=POSITIVE, flags=("--lr", "--learning-rate"), metavar="LR",
+    )  # fmt: skip
+    momentum: float = option(0.9, "learner SGD momentum", _O, range=UNIT, metavar="MU")
+    weight_decay: float = option(
+        0.0, "learner weight decay", _O, range=NON_NEGATIVE,
+        flags=("--weight-decay", "--wd"), metavar="WD",
+    )  # fmt: skip
+    lr_milestones: tuple[float, ...] = option(
+        (),
+        "epochs at which the learning rate is multiplied by lr_gamma (default: none)",
+        _O, metavar="EPOCH",
+    )  # fmt: skip
+    lr_gamma: float = option(
+        0.1, "the factor at each milestone", _O, range=Range(0, high=1, high_in=True),
+        metavar="GAMMA",
+    )  # fmt: skip
+    warmup_epochs: float = option(
+        0.0, "linear warm-up of the learning rate from 0 over this many epochs", _O,
+        range=NON_NEGATIVE, metavar="EPOCHS",
+    )  # fmt: skip
+    reset_at_drops: bool = option(
+        False, "SMA: move every learner onto the central model at each milestone", _O
+    )
+    alpha: float | None = option(
+        None, "SMA correction step (default: 1/k, k = learners in all)", _S,
+        range=POSITIVE, none="1/k",
+    )  # fmt: skip
+    central_momentum: float = option(
+        0.9, "momentum of the central model", _S, range=UNIT, metavar="MU"
+    )
+    eval_every: int = option(
+        0, "also evaluate the central model every this many steps (0: at epoch ends only)",
+        _E, at_least=0, metavar="STEPS", identity=False,
+    )  # fmt: skip
+    steps_per_dispatch: int | None = option(
+        None, "steps run by one device call (default: 2 on CPU, 50 elsewhere)", _E,
+        at_least=1, metavar="STEPS",
+    )  # fmt: skip
+    unroll_steps: bool | None = option(
+        None,
+        "unroll a dispatch's steps into one program instead of a loop (default: on for CPU, "
+        "where XLA runs loop bodies ~5x slower; off elsewhere)",
+        _E,
+    )
+    execution: str = option(
+        "auto",
+        "how a device runs its learners: vmap over the stacked parameters, or unroll them "
+        "one after another in one program; auto: unroll on CPU, vmap elsewhere "
+        "(docs/performance.md)",
+        _E, choices=EXECUTIONS,
+    )  # fmt: skip
+    mapper: str = option(
+        "shard_map", "how programs are mapped over devices (multi-host: shard_map)", _E,
+        choices=MAPPERS,
+    )  # fmt: skip
+    data_placement: str = option(
+        "auto",
+        "device: the training set stays on every device; host: batches are assembled on "
+        "the host and fed ahead of use (streamed data sets always); auto: host only when "
+        "the data would fill over half of a device's free memory",
+        _E, choices=PLACEMENTS,
+    )  # fmt: skip
+    num_devices: int | None = option(
+        None,
+        "use the first n devices (default: all; all processes' devices when multi-host)",
+        _E, at_least=1, metavar="N",
+    )  # fmt: skip
+    dtype: str = option("float32", "compute dtype of the model", _E, choices=DTYPES)
+    progress: bool = option(True, "a progress bar on stderr", _E, identity=False)
+    checkpoint_dir: str | None = option(
+        None,
+        "the run folder: config.json and orbax checkpoints; the crossbow-jax command also "
+        "writes history.json and result.json there (default: none, nothing written)",
+        _R, flags=("--output",), metavar="DIR", identity=False,
+    )  # fmt: skip
+    checkpoint_every: int = option(
+        0, "checkpoint every this many steps (0: only at the end); needs the run folder",
+        _R, at_least=0, metavar="STEPS", identity=False,
+    )  # fmt: skip
+    resume: bool = option(
+        False,
+        "continue the run in the run folder from its latest checkpoint, with the same "
+        "settings",
+        _R, identity=False,
+    )  # fmt: skip
+    tune_strategy: str = option(
+        "linear",
+        "linear: add one learner at a time (the paper's rule); doubling: 1, 2, 4, ... then "
+        "one at a time",
+        _T, choices=TUNE_STRATEGIES, identity=False,
+    )  # fmt: skip
+    tune_threshold: float = option(
+        0.1, "add a learner only while throughput grows by more than this (0.1 = 10%)",
+        _T, range=NON_NEGATIVE, metavar="GAIN", identity=False,
+    )  # fmt: skip
+    tune_max_learners: int = option(
+        16, "never try more learners per device than this", _T, at_least=1, metavar="M",
+        identity=False,
+    )  # fmt: skip
+    tune_steps: int = option(
+        10, "steps per timed interval of a trial (fewer for big models)", _T, at_least=1,
+        metavar="STEPS", identity=False,
+    )  # fmt: skip
+    tune_repeats: int = option(
+        5, "timed dispatches per setting, after one warm-up; the median counts", _T,
+        at_least=1, metavar="N", identity=False,
+    )  # fmt: skip
+    tune_memory_limit: int | None = option(
+        None,
+        "skip settings whose compiled program needs more bytes than this per device (the "
+        "command takes MiB) (default: the device's free memory where it reports it; none "
+        "on CPU)",
+        _T, at_least=1, metavar="MIB", cli_type="mebibytes", identity=False,
+    )  # fmt: skip
 
     def __post_init__(self):
-        object.__setattr__(self, "lr_milestones", tuple(float(e) for e in self.lr_milestones))
+        object.__setattr__(self, "lr_milestones", _floats("lr_milestones", self.lr_milestones))
+        if isinstance(self.checkpoint_dir, os.PathLike):
+            object.__setattr__(self, "checkpoint_dir", os.fspath(self.checkpoint_dir))
         self.validate()
 
     def validate(self) -> None:
         """Raises `ConfigError` with a one-line message for any bad value."""
-        _positive_int("batch_size", self.batch_size)
-        if self.learners_per_device != "auto":
-            _positive_int("learners_per_device", self.learners_per_device, extra=' or "auto"')
-        _choice("algorithm", self.algorithm, ALGORITHMS)
-        _choice("execution", self.execution, EXECUTIONS)
-        _choice("mapper", self.mapper, MAPPERS)
-        _choice("data_placement", self.data_placement, PLACEMENTS)
-        _choice("dtype", self.dtype, DTYPES)
-        if not self.epochs > 0:
-            raise ConfigError(f"epochs={self.epochs} must be > 0")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"learning_rate={self.learning_rate} must be > 0")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"momentum={self.momentum} must be in [0, 1)")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay={self.weight_decay} must be >= 0")
-        if self.alpha is not None and not self.alpha > 0:
-            raise ConfigError(f"alpha={self.alpha} must be > 0 (or None for 1/k)")
-        if not 0 <= self.central_momentum < 1:
-            raise ConfigError(f"central_momentum={self.central_momentum} must be in [0, 1)")
+        for f in dataclasses.fields(self):
+            check_field(f.name, getattr(self, f.name))
         if any(b <= a for a, b in zip(self.lr_milestones, self.lr_milestones[1:])):
             raise ConfigError(f"lr_milestones={self.lr_milestones} must increase")
         if any(not 0 < e < self.epochs for e in self.lr_milestones):
             raise ConfigError(f"lr_milestones={self.lr_milestones} must lie inside (0, epochs)")
-        if not 0 < self.lr_gamma <= 1:
-            raise ConfigError(f"lr_gamma={self.lr_gamma} must be in (0, 1]")
-        if not 0 <= self.warmup_epochs < self.epochs:
+        if not self.warmup_epochs < self.epochs:
             raise ConfigError(f"warmup_epochs={self.warmup_epochs} must be in [0, epochs)")
-        if self.steps_per_dispatch is not None:
-            _positive_int("steps_per_dispatch", self.steps_per_dispatch)
-        _choice("tune_strategy", self.tune_strategy, TUNE_STRATEGIES)
-        if not self.tune_threshold >= 0:
-            raise ConfigError(f"tune_threshold={self.tune_threshold} must be >= 0")
-        for name in ("tune_max_learners", "tune_steps", "tune_repeats"):
-            _positive_int(name, getattr(self, name))
-        if self.tune_memory_limit is not None:
-            _positive_int("tune_memory_limit", self.tune_memory_limit)
-        for name in ("eval_every", "checkpoint_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"{name}={value!r} must be an int >= 0")
-        if self.num_devices is not None:
-            _positive_int("num_devices", self.num_devices)
-        if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
-            raise ConfigError(f"target_accuracy={self.target_accuracy} must be in (0, 1]")
         if self.resume and not self.checkpoint_dir:
             raise ConfigError("resume=True needs checkpoint_dir (the folder of the run to resume)")
 
@@ -174,24 +260,66 @@ class TrainConfig:
 
     def identity(self) -> dict[str, Any]:
         """The fields a resumed run must share with the run it resumes."""
-        loose = {
-            "epochs",
-            "checkpoint_dir",
-            "checkpoint_every",
-            "resume",
-            "progress",
-            "eval_every",
-            "target_accuracy",
-            "tune_strategy",
-            "tune_threshold",
-            "tune_max_learners",
-            "tune_steps",
-            "tune_repeats",
-            "tune_memory_limit",
-        }
         fields = dataclasses.asdict(self)
         fields["lr_milestones"] = list(fields["lr_milestones"])
-        return {k: v for k, v in fields.items() if k not in loose}
+        return {f.name: fields[f.name] for f in FIELDS if f.metadata.get("identity", True)}
+
+
+FIELDS = dataclasses.fields(TrainConfig)
+_FIELDS_BY_NAME = {f.name: f for f in FIELDS}
+
+
+def make_config(**values: Any) -> TrainConfig:
+    """A validated `TrainConfig` from keyword values.
+
+    Raises:
+        ConfigError: an unknown name (the message suggests the field meant and
+            lists the valid ones), or a bad value.
+    """
+    unknown = sorted(set(values) - set(_FIELDS_BY_NAME))
+    if unknown:
+        hints = [
+            f"{name} -> {close[0]}"
+            for name in unknown
+            if (close := difflib.get_close_matches(name, _FIELDS_BY_NAME, n=1))
+            or (close := [f for f in _FIELDS_BY_NAME if f.endswith("_" + name)])
+        ]
+        meant = f" (did you mean {', '.join(hints)}?)" if hints else ""
+        raise ConfigError(
+            f"unknown option(s) {unknown}{meant}; valid ones: {sorted(_FIELDS_BY_NAME)}"
+        )
+    return TrainConfig(**values)
+
+
+def kind(field: dataclasses.Field) -> str:
+    """A field's kind, from its annotation: "int", "float", "str", "bool" or "tuple"."""
+    first = str(field.type).split(" | ")[0]
+    return "tuple" if first.startswith("tuple") else first
+
+
+def check_field(name: str, value: Any) -> None:
+    """Checks one `TrainConfig` field's value against its rule; raises `ConfigError`."""
+    field = _FIELDS_BY_NAME[name]
+    rule, what = field.metadata, kind(field)
+    if value is None and "None" in str(field.type):
+        return
+    if rule.get("auto") and value == "auto":
+        return
+    if "choices" in rule:
+        if value not in rule["choices"]:
+            raise ConfigError(f"{name}={value!r} is not one of {', '.join(rule['choices'])}")
+    elif what == "int":
+        if not _is_int(value) or value < rule.get("at_least", value):
+            extra = ' or "auto"' if rule.get("auto") else ""
+            raise ConfigError(f"{name}={value!r} must be an int >= {rule['at_least']}{extra}")
+    elif what == "float":
+        if not _is_number(value) or value not in rule.get("range", Range(-math.inf)):
+            extra = f" (or None for {rule['none']})" if "none" in rule else ""
+            raise ConfigError(f"{name}={value!r} must be {rule['range']}{extra}")
+    elif what == "bool" and not isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r} must be True or False")
+    elif what == "str" and not isinstance(value, str):
+        raise ConfigError(f"{name}={value!r} must be a string")
 
 
 def check_writable(folder: str) -> None:
@@ -208,11 +336,32 @@ def check_writable(folder: str) -> None:
         ) from None
 
 
-def _positive_int(name: str, value: Any, extra: str = "") -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{name}={value!r} must be an int >= 1{extra}")
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}")
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _floats(name: str, values: Any) -> tuple[float, ...]:
+    try:
+        return tuple(float(e) for e in values)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={values!r} must be a sequence of numbers (epochs)") from None
+
+
+def _docstring() -> str:
+    """The class docstring, made from the fields' help."""
+    lines = ["Everything that decides a training run.", "", "Attributes:"]
+    for f in FIELDS:
+        text = f.metadata["help"]
+        if "(default" not in text:
+            text += f" (default: {f.default!r})"
+        if "cli_default" in f.metadata:
+            text += f"; the crossbow-jax command's default is {f.metadata['cli_default']!r}"
+        lines.append(f"    {f.name}: {text}.")
+    return "\n".join(lines)
+
+
+TrainConfig.__doc__ = _docstring()

@@ -17,8 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from crossbow_jax.engine import mapping
-from crossbow_jax.engine.plan import Chunk
-from crossbow_jax.engine.step import Layout
+from crossbow_jax.engine.plan import Chunk, Layout
 
 
 class Source(Protocol):

@@ -9,8 +9,8 @@ from typing import Any
 import flax.linen as nn
 import numpy as np
 
+from crossbow_jax.data.preprocess import AUGMENTATIONS, Preprocess, for_arrays, pixels
 from crossbow_jax.engine.config import ConfigError
-from crossbow_jax.engine.step import Preprocess
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +33,10 @@ class Arrays:
         if self.train_x is not None:
             object.__setattr__(self, "num_train", len(self.train_x))
             object.__setattr__(self, "example", self.train_x[:1])
+
+    @property
+    def has_test(self) -> bool:
+        return self.test_x is not None or self.test_stream is not None
 
 
 def _pair(value: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -78,7 +82,7 @@ def resolve_data(
             return _streamed(train, data_dir)
         ds = datasets.load_dataset(train, data_dir=data_dir)
         info = ds.info
-        pre = Preprocess(1 / 255, tuple(info.mean), tuple(info.std), augment or info.augment)
+        pre = pixels(info.mean, info.std, augment or info.augment)
         return Arrays(
             info.name,
             ds.train_images,
@@ -101,19 +105,14 @@ def resolve_data(
     num_classes = int(max(y.max(), ty.max() if ty is not None else 0)) + 1
     if y.min() < 0 or (ty is not None and ty.min() < 0):
         raise ConfigError("labels must be >= 0 (class indices)")
-    if augment not in (None, "crop_flip"):
+    if augment is not None and augment not in AUGMENTATIONS:
         raise ConfigError(f"augment={augment!r} is not one of None, 'crop_flip'")
     if augment and x.ndim != 4:
         raise ConfigError("augment='crop_flip' needs (N, H, W, C) images")
-    if x.dtype == np.uint8:
-        channels = x.reshape(-1, x.shape[-1]) / 255.0
-        mean = tuple(float(v) for v in channels.mean(0))
-        std = tuple(float(v) + 1e-8 for v in channels.std(0))
-        pre = Preprocess(1 / 255, mean, std, augment)
-    else:
+    pre = for_arrays(x, augment)
+    if x.dtype != np.uint8:
         x = x.astype(np.float32)
         tx = None if tx is None else tx.astype(np.float32)
-        pre = Preprocess(None, None, None, augment)
     return Arrays("arrays", x, y, tx, ty, num_classes, pre)
 
 
@@ -132,7 +131,7 @@ def _streamed(name: str, data_dir: str | None) -> Arrays:
     def test_source(batch: int):
         return load_imagenet(split="val", data_dir=data_dir, batch_size=batch)
 
-    pre = Preprocess(1 / 255, tuple(info.mean), tuple(info.std), None)
+    pre = pixels(info.mean, info.std)
     example = np.zeros((1,) + tuple(info.image_shape), np.uint8)
     return Arrays(
         name,

@@ -17,8 +17,9 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from crossbow_jax.engine.config import MAPPERS, ConfigError
+
 DEVICE_AXIS = "devices"
-MAPPERS = ("shard_map", "pmap")
 
 # XLA:CPU ends the process ("Termination timeout ... exceeded") when a thread
 # of a collective waits past a timeout. Simulated devices share the host's
@@ -44,6 +45,19 @@ def simulated_devices_flags(count: int, flags: str = "") -> str:
         if not any(p.split("=")[0] == extra.split("=")[0] for p in parts):
             parts.append(extra)
     return " ".join(parts)
+
+
+def select_devices(num_devices: int | None = None) -> list[jax.Device]:
+    """All devices (global across processes) or the first `num_devices` local ones."""
+    available = jax.devices() if jax.process_count() > 1 else jax.local_devices()
+    if num_devices is None:
+        return list(available)
+    if num_devices > len(available):
+        raise ConfigError(
+            f"num_devices={num_devices} but only {len(available)} devices are "
+            "available; pass a smaller number or None for all"
+        )
+    return list(available[:num_devices])
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None, axis_name: str = DEVICE_AXIS) -> Mesh:

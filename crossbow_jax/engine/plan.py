@@ -1,10 +1,52 @@
-"""Cutting a run into dispatches: each one `lax.scan` call inside one epoch."""
+"""Cutting a run into steps and dispatches.
+
+`Layout` says how one step's images are spread over devices, learners and
+batches (the one place where SMA and SSGD differ in shape: `layout_for`);
+`plan_chunks` cuts the run's steps into dispatches, each one device call
+inside one epoch.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
-from crossbow_jax.engine.config import TrainConfig
+from crossbow_jax.engine.config import ConfigError, TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How images are spread over devices, learners and batches in one step."""
+
+    devices: int
+    learners: int  # learners per device (m; 1 for SSGD)
+    batch: int  # images per learner per step (b; m*b for SSGD)
+
+    @property
+    def images_per_step(self) -> int:
+        return self.devices * self.learners * self.batch
+
+
+def layout_for(algorithm: str, devices: int, m: int, batch: int) -> Layout:
+    """The layout of `m` learners per device: m learners at batch b (SMA), or one
+    learner at batch m x b (SSGD, the baseline that takes as many images per step)."""
+    return Layout(devices, m, batch) if algorithm == "sma" else Layout(devices, 1, m * batch)
+
+
+def steps_per_epoch(layout: Layout, num_train: int, m: int) -> int:
+    """Steps in one epoch (the training set consumed once by all learners together).
+
+    Raises:
+        ConfigError: not even one step fits in the training set.
+    """
+    steps = num_train // layout.images_per_step
+    if steps == 0:
+        raise ConfigError(
+            f"one step needs {layout.images_per_step} images ({layout.devices} devices x {m} "
+            f"learners x batch {layout.images_per_step // (layout.devices * m)}) but the "
+            f"training set has {num_train}; use a smaller batch_size or fewer learners"
+        )
+    return steps
 
 
 class Chunk(NamedTuple):

@@ -1,30 +1,28 @@
-"""The device side of a run: placed data, the mapped and compiled programs.
+"""The host side of the per-device program: mapped over the devices, compiled ahead of time.
 
-Compilation happens ahead of time (`lower().compile()`) for every dispatch
-length the run needs, so its cost is measured and reported apart from the
-steady-state throughput.
+`Compiler` turns the free functions of `crossbow_jax/engine/step.py` into
+programs compiled (`lower().compile()`) for one mesh and mapper, and times
+every compilation, so that compile time is reported apart from throughput.
+`prepare` builds what one layout of learners needs before its first
+dispatch; the training loop (`loop.py`), the tuner's trials
+(`crossbow_jax/tuning/measure.py`) and the benchmarks all start from it.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-from jax import lax
 
-from crossbow_jax.engine import mapping
-from crossbow_jax.engine.config import ConfigError, TrainConfig
-from crossbow_jax.engine.feed import ArraySource, Feeder
-from crossbow_jax.engine.plan import Chunk
-from crossbow_jax.engine.schedules import default_optimizer, milestone_steps
-from crossbow_jax.engine.step import Programs, TrainState
-from crossbow_jax.transformation import sma, ssgd
-
-EVAL_CHUNK = 500
+from crossbow_jax.engine import mapping, step
+from crossbow_jax.engine.config import TrainConfig
+from crossbow_jax.engine.inputs import Arrays
+from crossbow_jax.engine.placement import TestInputs, TrainInputs
+from crossbow_jax.engine.plan import Layout, layout_for, steps_per_epoch
+from crossbow_jax.engine.schedules import learner_transform
 
 
 def resolve_execution(execution: str, mesh) -> str:
@@ -34,7 +32,7 @@ def resolve_execution(execution: str, mesh) -> str:
     return "unroll" if mesh.devices.flat[0].platform == "cpu" else "vmap"
 
 
-def resolve_dispatch(cfg: TrainConfig, mesh) -> tuple[int, bool]:
+def resolve_dispatch(config: TrainConfig, mesh) -> tuple[int, bool]:
     """(steps per dispatch, unrolled?): on CPU 2 unrolled steps, elsewhere a scan of 50.
 
     XLA:CPU runs a while-loop body about 5x slower than the same ops outside
@@ -42,222 +40,122 @@ def resolve_dispatch(cfg: TrainConfig, mesh) -> tuple[int, bool]:
     dispatch are unrolled and dispatches kept short to bound compile time.
     """
     cpu = mesh.devices.flat[0].platform == "cpu"
-    unroll = cpu if cfg.unroll_steps is None else cfg.unroll_steps
-    steps = cfg.steps_per_dispatch or (2 if cpu else 50)
+    unroll = cpu if config.unroll_steps is None else config.unroll_steps
+    steps = config.steps_per_dispatch or (2 if cpu else 50)
     return steps, unroll
 
 
-def resolve_placement(cfg: TrainConfig, data, mesh) -> str:
-    """Where the training set lives: "device" (resident) or "host" (fed ahead of use)."""
-    if data.stream is not None:
-        if cfg.data_placement == "device":
-            raise ConfigError(
-                f"{data.name} is streamed from files and cannot be device-resident; "
-                "use data_placement='host' or 'auto'"
-            )
-        return "host"
-    if cfg.data_placement != "auto":
-        return cfg.data_placement
-    local = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
-    stats = local.memory_stats() or {}
-    free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
-    return "host" if free > 0 and data.train_x.nbytes > free / 2 else "device"
+class Compiler:
+    """Compiles the per-device functions of one `StepSpec` for a mesh and mapper.
 
+    Attributes:
+        spec: what a step is.
+        mesh: the device mesh.
+        mapper: "shard_map" or "pmap".
+        seconds: time spent compiling so far.
+    """
 
-def learner_transform(cfg: TrainConfig, optimizer, steps_per_epoch: int):
-    """`sma` or `ssgd` around the learner optimiser, over the device axis."""
-    inner = optimizer if optimizer is not None else default_optimizer(cfg, steps_per_epoch)
-    if cfg.algorithm == "sma":
-        return sma(
-            inner, alpha=cfg.alpha, momentum=cfg.central_momentum, axis_name=mapping.DEVICE_AXIS
-        )
-    return ssgd(inner, axis_name=mapping.DEVICE_AXIS)
+    def __init__(self, spec: step.StepSpec, mesh, mapper: str):
+        self.spec, self.mesh, self.mapper = spec, mesh, mapper
+        self.seconds = 0.0
 
+    def _map(self, fn, donate: tuple[int, ...] = ()):
+        if self.mapper == "pmap":
+            return mapping.device_map(fn, self.mesh, "pmap", donate_argnums=donate)
+        return jax.jit(mapping.device_map(fn, self.mesh), donate_argnums=donate)
 
-def shard_test_set(x: np.ndarray, y: np.ndarray, devices: int, chunk: int | None = None):
-    """(devices, chunks, chunk, ...) arrays and a mask of the real rows."""
-    per_device = math.ceil(len(x) / devices)
-    chunk = chunk or min(per_device, EVAL_CHUNK)
-    chunks = math.ceil(per_device / chunk)
-    total = devices * chunks * chunk
-    mask = np.arange(total) < len(x)
-    pad = total - len(x)
-    x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
-    y = np.concatenate([y, np.zeros(pad, y.dtype)])
-    shape = (devices, chunks, chunk)
-    return x.reshape(shape + x.shape[1:]), y.reshape(shape), mask.reshape(shape)
-
-
-class Compiled:
-    """Everything a run keeps on the devices, and its compiled programs."""
-
-    def __init__(
-        self, cfg: TrainConfig, model, optimizer, layout, data, mesh, steps_per_epoch: int
-    ):
-        self.cfg, self.mesh, self.layout, self.model = cfg, mesh, layout, model
-        self.transform = learner_transform(cfg, optimizer, steps_per_epoch)
-        self.execution = resolve_execution(cfg.execution, mesh)
-        self.steps_per_dispatch, self.unroll = resolve_dispatch(cfg, mesh)
-        self.programs = Programs(model, self.transform, layout, data.preprocess, self.execution)
-        self.n_train = data.num_train
-        self.example = data.example
-        self.sample = data.preprocess(data.example, None)
-        devices = mesh.size
-        put = lambda tree: mapping.put_on_devices(tree, mesh)
-        self.placement = resolve_placement(cfg, data, mesh)
-        if self.placement == "device":
-            self.images, self.labels = put(mapping.replicate((data.train_x, data.train_y), devices))
-        else:
-            source = (
-                data.stream(layout.images_per_step, cfg.seed)
-                if data.stream is not None
-                else ArraySource(data.train_x, data.train_y, layout.images_per_step, cfg.seed)
-            )
-            self.feeder = Feeder(source, layout, mesh)
-        resets = (
-            milestone_steps(cfg, steps_per_epoch)
-            if (cfg.reset_at_drops and cfg.algorithm == "sma")
-            else []
-        )
-        self.resets = put(mapping.replicate(np.asarray(resets, np.int32), devices))
-        self.key = put(mapping.replicate(np.asarray(jax.random.PRNGKey(cfg.seed)), devices))
-        self.test_stream = data.test_stream
-        self.has_test = data.test_x is not None or data.test_stream is not None
-        if data.test_x is not None:
-            self.test = put(shard_test_set(data.test_x, data.test_y, devices))
-        self.perm = None
-        self.compile_time = 0.0
-        self._train = {}
-        self._eval = None
-        self._jit = self._mapper()
-
-    def _mapper(self):
-        if self.cfg.mapper == "pmap":
-            return lambda fn, donate=(): mapping.device_map(
-                fn, self.mesh, "pmap", donate_argnums=donate
-            )
-        return lambda fn, donate=(): jax.jit(
-            mapping.device_map(fn, self.mesh), donate_argnums=donate
-        )
-
-    def set_epoch(self, epoch: int, chunks: list[Chunk]) -> None:
-        """Prepares an epoch: its shuffle on the devices, or the feeder for its chunks."""
-        if self.placement == "host":
-            self.feeder.start(epoch, chunks)
-            return
-        perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(self.n_train)
-        self.perm = mapping.put_on_devices(
-            mapping.replicate(perm.astype(np.int32), self.mesh.size), self.mesh
-        )
-
-    def _start(self, position: int):
-        return mapping.put_on_devices(np.full(self.mesh.size, position, np.int32), self.mesh)
-
-    def _timed_compile(self, fn, *args):
-        t = time.perf_counter()
+    def _compile(self, fn, *args):
+        start = time.perf_counter()
         compiled = fn.lower(*args).compile()
-        self.compile_time += time.perf_counter() - t
+        self.seconds += time.perf_counter() - start
         return compiled
 
-    def _fed_inputs(self, length: int):
-        """Shapes of a fed chunk: (devices, length, learners, batch, ...)."""
-        lay, example = self.layout, self.example
-        lead = (lay.devices, length, lay.learners, lay.batch)
-        sharding = mapping.device_sharding(self.mesh)
-        return (
-            jax.ShapeDtypeStruct(lead + example.shape[1:], example.dtype, sharding=sharding),
-            jax.ShapeDtypeStruct(lead, np.int32, sharding=sharding),
+    def init_state(self, seed: int, example: np.ndarray) -> step.TrainState:
+        """Fresh state: all learners equal to one initialisation, on every device.
+
+        Args:
+            seed: the run's seed.
+            example: one stored training example, shape (1, ...).
+        """
+        spec, lay = self.spec, self.spec.layout
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
+        sample = spec.preprocess(example, None)
+        kwargs = {"train": False} if spec.train_flag else {}
+        init = jax.jit(lambda k, x: spec.model.init({"params": k, "dropout": k}, x, **kwargs))
+        variables = self._compile(init, key, sample)(key, sample)
+        params = jax.tree.map(np.asarray, variables["params"])
+        stats = jax.tree.map(np.asarray, variables.get("batch_stats", {}))
+        stacked = jax.tree.map(
+            lambda p: np.broadcast_to(p, (lay.devices, lay.learners) + p.shape), params
+        )
+        params = mapping.put_on_devices(stacked, self.mesh)
+        opt_state = self._compile(self._map(spec.tx.init), params)(params)
+        return step.TrainState(
+            params,
+            mapping.put_on_devices(mapping.replicate(stats, lay.devices), self.mesh),
+            opt_state,
+            mapping.put_on_devices(np.zeros(lay.devices, np.int32), self.mesh),
         )
 
-    def compile_all(self, lengths: set[int], state) -> None:
-        """Compiles the train program for every dispatch length, and the evaluation."""
-        for length in sorted(lengths - set(self._train)):
-            if self.placement == "host":
-                step = functools.partial(self.programs.train_fed_steps, unroll=self.unroll)
-                args = (*self._fed_inputs(length), self.resets, self.key)
-            else:
-                if self.perm is None:
-                    self.set_epoch(0, [])
-                step = functools.partial(
-                    self.programs.train_steps, length=length, unroll=self.unroll
-                )
-                args = (self.images, self.labels, self.perm, self._start(0), self.resets, self.key)
-            self._train[length] = self._timed_compile(self._jit(step, (0,)), state, *args)
-        if self.has_test and self._eval is None:
-            test = self.test if self.test_stream is None else self._stream_batches(1)[0]
-            self._eval = self._timed_compile(self._jit(self.programs.evaluate), state, *test)
+    def train(self, state: step.TrainState, inputs: TrainInputs, length: int, unroll: bool):
+        """The dispatch program of `length` steps: (state, *inputs.args(chunk)) -> (state, metrics).
 
-    def train(self, chunk: Chunk, state):
-        if self.placement == "host":
-            xs, ys = self.feeder.next(chunk)
-            return self._train[chunk.length](state, xs, ys, self.resets, self.key)
-        return self._train[chunk.length](
-            state,
-            self.images,
-            self.labels,
-            self.perm,
-            self._start(chunk.position),
-            self.resets,
-            self.key,
-        )
+        The state is donated: a dispatch's input state is gone once it runs.
+        """
+        if inputs.placement == "host":
+            fn = functools.partial(step.train_fed_steps, self.spec, unroll=unroll)
+        else:
+            fn = functools.partial(step.train_steps, self.spec, length=length, unroll=unroll)
+        return self._compile(self._map(fn, (0,)), state, *inputs.example_args(length))
 
-    def _stream_batches(self, limit: int | None = None) -> list:
-        """The streamed test split as device batches (devices, 1, chunk, ...) with masks."""
-        devices = self.mesh.size
-        source = self.test_stream(devices * EVAL_CHUNK)
-        out = []
-        for x, y in source.epoch(0):
-            x, y, mask = shard_test_set(x, y.astype(np.int32), devices, chunk=EVAL_CHUNK)
-            out.append(mapping.put_on_devices((x, y, mask), self.mesh))
-            if limit and len(out) >= limit:
-                break
-        return out
+    def evaluate(self, state: step.TrainState, test: TestInputs):
+        """The evaluation program: (state, *batch) -> {"correct", "loss_sum", "count"}."""
+        fn = functools.partial(step.eval_step, self.spec)
+        return self._compile(self._map(fn), state, *test.batches(limit=1)[0])
 
-    def evaluate(self, state) -> tuple[float, float]:
-        batches = [self.test] if self.test_stream is None else self._stream_batches()
-        parts = [mapping.first_device(self._eval(state, *batch)) for batch in batches]
-        totals = {k: sum(p[k] for p in parts) for k in parts[0]}
-        count = max(int(totals["count"]), 1)
-        return int(totals["correct"]) / count, float(totals["loss_sum"]) / count
-
-    def close(self) -> None:
-        """Stops the feeder thread, if any."""
-        if self.placement == "host":
-            self.feeder.close()
-
-    def central_variables(self, state) -> dict[str, Any]:
-        """The central model's variables, as NumPy."""
-
-        def central(state):
-            out = {"params": self.programs.central_params(state)}
-            if state.batch_stats:
-                out["batch_stats"] = lax.pmean(state.batch_stats, mapping.DEVICE_AXIS)
-            return out
-
-        return mapping.first_device(self._jit(central)(state))
+    def central_variables(self, state: step.TrainState) -> dict[str, Any]:
+        """The central model's variables, as NumPy (not timed: it runs once per run)."""
+        fn = self._map(functools.partial(step.central_variables, self.spec))
+        return mapping.first_device(fn(state))
 
 
-def build_state(c: Compiled, mesh) -> TrainState:
-    """Fresh state: all learners equal to one initialisation, on every device.
+class Prepared(NamedTuple):
+    """What one layout of learners needs before its first dispatch."""
 
-    Compiling the two initialisation programs counts in `c.compile_time`.
+    layout: Layout
+    steps_per_epoch: int
+    compiler: Compiler
+    inputs: TrainInputs  # the training set placed (or its feeder), resets, key
+    steps_per_dispatch: int
+    unroll: bool
+
+
+def prepare(
+    config: TrainConfig, model, optimizer, data: Arrays, mesh, learners_per_device: int
+) -> Prepared:
+    """Lays out `learners_per_device` learners, places the training data, readies the compiler.
+
+    Args:
+        config: the run's config (`learners_per_device` in it is not read).
+        model: the resolved Flax module.
+        optimizer: the learner optimiser, or None for the config's default.
+        data: the resolved data (only the training split is placed).
+        mesh: the device mesh.
+        learners_per_device: m.
+
+    Raises:
+        ConfigError: not even one step fits in the training set (before any work).
     """
-    cfg, lay = c.cfg, c.layout
-    init_key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 0)
-    kwargs = {"train": False} if c.programs.train_flag else {}
-    init = jax.jit(lambda k, x: c.model.init({"params": k, "dropout": k}, x, **kwargs))
-    variables = c._timed_compile(init, init_key, c.sample)(init_key, c.sample)
-    params = jax.tree.map(np.asarray, variables["params"])
-    stats = jax.tree.map(np.asarray, variables.get("batch_stats", {}))
-    stacked = jax.tree.map(
-        lambda p: np.broadcast_to(p, (lay.devices, lay.learners) + p.shape), params
+    layout = layout_for(config.algorithm, mesh.size, learners_per_device, config.batch_size)
+    per_epoch = steps_per_epoch(layout, data.num_train, learners_per_device)
+    spec = step.StepSpec(
+        model,
+        learner_transform(config, optimizer, per_epoch),
+        layout,
+        data.preprocess,
+        resolve_execution(config.execution, mesh),
+        config.algorithm,
     )
-    put = lambda tree: mapping.put_on_devices(tree, mesh)
-    params_g = put(stacked)
-    opt_state = c._timed_compile(c._jit(c.transform.init), params_g)(params_g)
-    return TrainState(
-        params_g,
-        put(mapping.replicate(stats, lay.devices)),
-        opt_state,
-        put(np.zeros(lay.devices, np.int32)),
-    )
+    compiler = Compiler(spec, mesh, config.mapper)
+    inputs = TrainInputs(config, data, layout, mesh, per_epoch)
+    return Prepared(layout, per_epoch, compiler, inputs, *resolve_dispatch(config, mesh))

@@ -1,4 +1,5 @@
-"""Learning-rate schedules counted in epochs, and the default learner optimiser."""
+"""The optimisers of a run: epoch-counted schedules, the default learner
+optimiser, and `sma`/`ssgd` around the learner optimiser."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import jax.numpy as jnp
 import optax
 
 from crossbow_jax.engine.config import TrainConfig
+from crossbow_jax.engine.mapping import DEVICE_AXIS
+from crossbow_jax.transformation import sma, ssgd
 
 
 def milestone_steps(config: TrainConfig, steps_per_epoch: int) -> list[int]:
@@ -39,3 +42,21 @@ def default_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.Gradie
     if config.weight_decay:
         return optax.chain(optax.add_decayed_weights(config.weight_decay), sgd)
     return sgd
+
+
+def learner_transform(
+    config: TrainConfig, optimizer: optax.GradientTransformation | None, steps_per_epoch: int
+) -> optax.GradientTransformation:
+    """`sma` (or `ssgd`) around the learner optimiser, over the device axis.
+
+    Args:
+        config: the run's config (algorithm, SMA settings, default optimiser).
+        optimizer: the user's learner optimiser, or None for `default_optimizer`.
+        steps_per_epoch: steps in one epoch, for the epoch-counted schedule.
+    """
+    inner = optimizer if optimizer is not None else default_optimizer(config, steps_per_epoch)
+    if config.algorithm == "sma":
+        return sma(
+            inner, alpha=config.alpha, momentum=config.central_momentum, axis_name=DEVICE_AXIS
+        )
+    return ssgd(inner, axis_name=DEVICE_AXIS)

@@ -4,8 +4,8 @@ Every parameter leaf handed to `sma` or `ssgd` carries a leading axis that
 indexes the learners held on this device. These helpers check that axis, count
 learners across devices, and reduce over learners hierarchically: a plain sum
 over the stacked axis on each device, then one `lax.psum` over the device axis
-(a single collective over a tuple of a vmap axis and a mesh axis is a known
-failure under `shard_map`, see BRIEF §3).
+(a single collective over a tuple of a vmap axis and a mesh axis fails under
+`shard_map`'s default checking on jax 0.10; docs/sma.md, "Details").
 """
 
 from __future__ import annotations

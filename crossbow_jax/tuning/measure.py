@@ -1,8 +1,9 @@
 """One trial of the auto-tuner: compile a setting, guard its memory, time it.
 
-A trial builds the engine's `Compiled` for one layout (devices x m learners x
-batch b), a fresh state (all learners equal to the initial model), compiles
-one dispatch of `steps` steps, checks the program's memory estimate against
+A trial prepares the engine for one layout (`crossbow_jax.engine.programs.prepare`:
+devices x m learners x batch b), a fresh state (all learners equal to the
+initial model), compiles one dispatch of `steps` steps, checks the program's
+memory estimate against
 the device's free memory, runs one warm-up dispatch and then `repeats` timed
 dispatches, each waited for with `block_until_ready`. The throughput is the
 images of all learners in one dispatch over the median dispatch time;
@@ -20,9 +21,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from crossbow_jax.engine.config import TrainConfig
 from crossbow_jax.engine.plan import Chunk
-from crossbow_jax.engine.programs import Compiled, build_state
-from crossbow_jax.engine.step import Layout
+from crossbow_jax.engine.programs import Prepared, prepare
 
 OK, OOM, MEMORY = "ok", "oom", "memory"
 _OOM_MARKERS = ("resource_exhausted", "resource exhausted", "out of memory", "oom when")
@@ -58,11 +59,6 @@ class Trial:
 
     def as_row(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def layout_for(algorithm: str, devices: int, m: int, batch: int) -> Layout:
-    """The layout a run uses for `m`: m learners at b (SMA), or 1 at m*b (SSGD)."""
-    return Layout(devices, m, batch) if algorithm == "sma" else Layout(devices, 1, m * batch)
 
 
 def program_memory(compiled: Any) -> int | None:
@@ -116,69 +112,52 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
 
-def _executable(compiled: Compiled, length: int):
-    # `Compiled` keeps its AOT-compiled train programs by dispatch length.
-    return compiled._train[length]
-
-
-def _dispatch(compiled: Compiled, chunks: list[Chunk], state):
+def _dispatch(run: Prepared, program, chunks: list[Chunk], state):
     """Runs the chunks back to back, as training does, and waits for the last."""
     for chunk in chunks:
-        state, metrics = compiled.train(chunk, state)
+        state, metrics = program(state, *run.inputs.args(chunk))
     jax.block_until_ready((state, metrics))
     return state
 
 
-def run_trial(
-    cfg,
-    model,
-    optimizer,
-    data,
-    mesh,
-    m: int,
-    *,
-    steps: int = 10,
-    repeats: int = 5,
-    memory_limit: int | None = None,
-) -> Trial:
+def run_trial(cfg: TrainConfig, model, optimizer, data, mesh, m: int) -> Trial:
     """Compiles and times one setting of learners per device.
 
     Args:
-        cfg: the run's `TrainConfig` (its `learners_per_device` is ignored).
+        cfg: the run's `TrainConfig` (its `learners_per_device` is not read).
+            `tune_steps`: steps per timed interval, run as dispatches of the
+            length the engine itself uses (capped at `tune_steps`), so a trial
+            times the same program as training; `tune_repeats`: timed
+            intervals after the warm-up dispatch (the median counts);
+            `tune_memory_limit`: bytes per device the setting may use (None:
+            the device's free memory before the trial, when it reports it).
         model: a resolved Flax module.
         optimizer: the learner optimiser, or None for the config's default.
         data: the run's resolved `Arrays` (only the training set is used).
         mesh: the run's device mesh.
         m: learners per device to try.
-        steps: steps per timed interval, run as dispatches of the length the
-            engine itself uses (`Compiled.steps_per_dispatch`), so a trial
-            times the same program as training.
-        repeats: timed dispatches after the warm-up one; the median counts.
-        memory_limit: bytes per device the setting may use; None: the
-            device's free memory before the trial, when the device reports it.
 
     Returns:
         A `Trial`. Out-of-memory errors become a failed trial; any other
         error propagates.
     """
-    layout = layout_for(cfg.algorithm, mesh.size, m, cfg.batch_size)
-    steps_per_epoch = max(1, data.num_train // layout.images_per_step)
+    steps, repeats = cfg.tune_steps, cfg.tune_repeats
     gc.collect()  # let the previous trial's buffers go before reading free memory
     local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-    limit = memory_limit if memory_limit is not None else free_memory(local)
-    train_only = dataclasses.replace(data, test_x=None, test_y=None, test_stream=None)
+    limit = cfg.tune_memory_limit if cfg.tune_memory_limit is not None else free_memory(local)
     memory = compile_seconds = None
-    compiled = state = None
+    run = state = None
     try:
-        compiled = Compiled(cfg, model, optimizer, layout, train_only, mesh, steps_per_epoch)
-        state = build_state(compiled, mesh)
-        length = min(compiled.steps_per_dispatch, steps)
+        run = prepare(cfg, model, optimizer, data, mesh, m)
+        images_per_step = run.layout.images_per_step
+        state = run.compiler.init_state(cfg.seed, data.example)
+        length = min(run.steps_per_dispatch, steps)
         dispatches = -(-steps // length)
         steps = dispatches * length
         chunk = Chunk(0, length, 0, 0, False, False)
-        compiled.compile_all({length}, state)
-        compile_seconds = compiled.compile_time
-        memory = program_memory(_executable(compiled, length))
+        program = run.compiler.train(state, run.inputs, length, run.unroll)
+        compile_seconds = run.compiler.seconds
+        memory = program_memory(program)
         too_big = limit is not None and memory is not None and memory > limit
         if _from_process_0(float(too_big)):
             return Trial(
@@ -190,25 +169,25 @@ def run_trial(
                 steps=steps,
                 error=f"estimated {memory} bytes per device, over the limit of {limit}",
             )
-        compiled.set_epoch(0, [chunk] * (1 + repeats * dispatches))
-        state = _dispatch(compiled, [chunk], state)  # warm-up
+        run.inputs.start_epoch(0, [chunk] * (1 + repeats * dispatches))
+        state = _dispatch(run, program, [chunk], state)  # warm-up
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
-            state = _dispatch(compiled, [chunk] * dispatches, state)
+            state = _dispatch(run, program, [chunk] * dispatches, state)
             times.append(time.perf_counter() - t)
     except Exception as e:
         if not is_out_of_memory(e):
             raise
         return Trial(m, None, memory, OOM, None, compile_seconds, steps, _first_line(e))
     finally:
-        if compiled is not None:
-            compiled.close()
-        del compiled, state
+        if run is not None:
+            run.inputs.close()
+        del run, state
     median = _from_process_0(statistics.median(times))
     return Trial(
         m,
-        steps * layout.images_per_step / median,
+        steps * images_per_step / median,
         memory,
         OK,
         median,

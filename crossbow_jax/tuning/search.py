@@ -21,10 +21,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Generator, Mapping
 
-STRATEGIES = ("linear", "doubling")
-DEFAULT_STRATEGY = "linear"
-DEFAULT_THRESHOLD = 0.1
-DEFAULT_MAX_LEARNERS = 16
+from crossbow_jax.engine.config import TUNE_STRATEGIES as STRATEGIES
+from crossbow_jax.engine.config import TrainConfig, check_field
 
 # How much a throughput may exceed the required value and still not count as a
 # gain: it keeps exact equality (a gain of exactly `threshold`) a stop, whatever
@@ -35,13 +33,14 @@ _Proposals = Generator[int, "float | None", int | None]
 
 
 def check_options(strategy: str, threshold: float, max_learners: int) -> None:
-    """Raises ValueError with a one-line message for bad tuning options."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"tuning strategy={strategy!r} is not one of {', '.join(STRATEGIES)}")
-    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or threshold < 0:
-        raise ValueError(f"tuning threshold={threshold!r} must be a number >= 0 (0.1 = 10%)")
-    if not isinstance(max_learners, int) or isinstance(max_learners, bool) or max_learners < 1:
-        raise ValueError(f"max_learners={max_learners!r} must be an int >= 1")
+    """Checks tuning options by the rules of their `TrainConfig` fields.
+
+    Raises:
+        ConfigError: (a `ValueError`) with a one-line message.
+    """
+    check_field("tune_strategy", strategy)
+    check_field("tune_threshold", threshold)
+    check_field("tune_max_learners", max_learners)
 
 
 def gains_enough(new: float | None, prev: float, threshold: float, added: int = 1) -> bool:
@@ -104,6 +103,8 @@ class Search:
             search.record(measure(m))   # images/s, or None when m failed
         search.chosen                   # the decision
 
+    The defaults are those of `TrainConfig`'s `tune_*` fields.
+
     Args:
         strategy: "linear" (default, the paper's rule) or "doubling".
         threshold: the relative throughput gain that justifies one more
@@ -113,9 +114,9 @@ class Search:
 
     def __init__(
         self,
-        strategy: str = DEFAULT_STRATEGY,
-        threshold: float = DEFAULT_THRESHOLD,
-        max_learners: int = DEFAULT_MAX_LEARNERS,
+        strategy: str = TrainConfig.tune_strategy,
+        threshold: float = TrainConfig.tune_threshold,
+        max_learners: int = TrainConfig.tune_max_learners,
     ):
         check_options(strategy, threshold, max_learners)
         self.strategy, self.threshold, self.max_learners = strategy, threshold, max_learners
@@ -168,9 +169,9 @@ class Decision:
 
 def decide(
     curve: Mapping[int, float | None] | Callable[[int], float | None],
-    threshold: float = DEFAULT_THRESHOLD,
-    strategy: str = DEFAULT_STRATEGY,
-    max_learners: int = DEFAULT_MAX_LEARNERS,
+    threshold: float = TrainConfig.tune_threshold,
+    strategy: str = TrainConfig.tune_strategy,
+    max_learners: int = TrainConfig.tune_max_learners,
 ) -> Decision:
     """Runs the decision rule on a recorded (or simulated) throughput curve.
 

@@ -20,12 +20,10 @@ process, after a warm-up; compilation is timed apart.
 (c) SMA against the same learners taking plain per-learner SGD steps (the
     learner optimiser `sma` wraps, vmapped, no averaging), for execution
     "unroll" and "vmap". Target: SMA step time <= 1.15 x the plain one.
-(d) the steps of a dispatch as a rolled `lax.scan` (a while loop), an
-    unrolled scan, and one step per call: the measurement behind the
-    engine's per-platform `unroll_steps` default. "1/call" is the engine's
-    own one-step dispatch; "1/call straight" the same step traced with the
-    scan fully unrolled (`_engine.fully_unrolled_scan`: for one step,
-    `unroll=True` still leaves a one-trip while loop).
+(d) the steps of a dispatch as a rolled `lax.scan` (a while loop), as
+    straight-line code (unrolled), and one step per call: the measurement
+    behind the engine's per-platform `unroll_steps` default. "1/call" is the
+    engine's own one-step dispatch, unrolled: straight-line code too.
 
 Programs that come out identical (on CPU: bare, sma/unroll and unrolled/L=2)
 are compiled and timed once and reported under each name.
@@ -33,7 +31,6 @@ are compiled and timed once and reported under each name.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import crossbow_jax
@@ -92,15 +89,13 @@ class Loop:
 def variant_specs(lengths) -> list[tuple[str, str, dict[str, Any]]]:
     """(name, kind, config overrides) of every engine program timed.
 
-    kind: "sma"; "plain" (per-learner SGD, no averaging); "straight" (SMA,
-    the dispatch's scan traced fully unrolled by `_engine.fully_unrolled_scan`).
+    kind: "sma"; "plain" (per-learner SGD, no averaging).
     """
     specs = [("bare", "sma", {})]
     for execution in ("unroll", "vmap"):
         specs += [(f"{kind}/{execution}", kind, {"execution": execution})
                   for kind in ("sma", "plain")]  # fmt: skip
-    one = {"steps_per_dispatch": 1, "unroll_steps": True}
-    specs += [("1/call", "sma", one), ("1/call straight", "straight", one)]
+    specs.append(("1/call", "sma", {"steps_per_dispatch": 1, "unroll_steps": True}))
     for length in lengths:
         for unroll in (False, True):
             name = f"{'unrolled' if unroll else 'rolled'}/L={length}"
@@ -114,16 +109,16 @@ def build_steppers(size, data):
             "num_devices": 1}  # fmt: skip
     steppers, names = {}, {}
     for name, kind, overrides in variant_specs(size["lengths"]):
-        run = _engine.engine_run(size["model"], data, **base, **overrides)
-        c = run.compiled
-        key = (kind, c.execution, c.steps_per_dispatch, c.unroll)
+        engine = _engine.engine_run(size["model"], data, **base, **overrides)
+        run = engine.run
+        execution = run.compiler.spec.execution
+        key = (kind, execution, run.steps_per_dispatch, run.unroll)
         if key not in steppers:
-            compiled = _engine.with_plain_learners(run) if kind == "plain" else c
-            with _engine.fully_unrolled_scan() if kind == "straight" else contextlib.nullcontext():
-                steppers[key] = _engine.Stepper(compiled, run.mesh, c.steps_per_dispatch)
-        names[name] = (key, {"update": "plain" if kind == "plain" else "sma",
-                             "execution": c.execution, "steps_per_dispatch": c.steps_per_dispatch,
-                             "unroll_steps": c.unroll, "fully_unrolled_scan": kind == "straight"})  # fmt: skip
+            engine = _engine.with_plain_learners(engine) if kind == "plain" else engine
+            steppers[key] = _engine.Stepper(engine)
+        names[name] = (key, {"update": kind, "execution": execution,
+                             "steps_per_dispatch": run.steps_per_dispatch,
+                             "unroll_steps": run.unroll})  # fmt: skip
     return steppers, names
 
 
@@ -144,7 +139,6 @@ def ratio_rows(ips: dict[str, float], lengths) -> list[dict[str, Any]]:
         unrolled = ips[f"unrolled/L={length}"]
         add(f"unrolled / rolled scan (L={length})", unrolled / ips[f"rolled/L={length}"])
         add(f"unrolled L={length} / 1 step per call", unrolled / ips["1/call"])
-        add(f"unrolled L={length} / 1 straight step per call", unrolled / ips["1/call straight"])
     return rows
 
 

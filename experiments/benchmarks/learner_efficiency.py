@@ -84,10 +84,8 @@ def stepper(model, data, variant: str, m: int, b: int) -> _engine.Stepper:
     """The engine's compiled dispatch program for one variant."""
     common = {"batch_size": b, "learners_per_device": m, "num_devices": 1}
     if variant == "bound":
-        run = _engine.engine_run(model, data, algorithm="ssgd", **common)
-    else:
-        run = _engine.engine_run(model, data, execution=variant, **common)
-    return _engine.Stepper(run.compiled, run.mesh)
+        return _engine.Stepper(_engine.engine_run(model, data, algorithm="ssgd", **common))
+    return _engine.Stepper(_engine.engine_run(model, data, execution=variant, **common))
 
 
 def measure(name, model, shape, images, m, b, repeats) -> list[dict[str, Any]]:

@@ -1,0 +1,100 @@
+"""`train`, the notebook front door: settings checked, inputs resolved, learners
+chosen (the tuner, for "auto"), then the engine's loop (`crossbow_jax.engine.fit`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from crossbow_jax.engine import TrainResult, fit, make_mesh, select_devices
+from crossbow_jax.engine.checkpoint import Checkpointer
+from crossbow_jax.engine.config import make_config
+from crossbow_jax.engine.inputs import resolve_data, resolve_model
+from crossbow_jax.models import get_spec
+from crossbow_jax.tuning import choose_learners
+from crossbow_jax.tuning.tuner import model_name
+
+
+def train(
+    model: Any,
+    train: Any,
+    test: Any = None,
+    *,
+    optimizer: Any = None,
+    batch_size: int = 16,
+    learners_per_device: int | str = 4,
+    algorithm: str = "sma",
+    epochs: float = 5,
+    seed: int = 0,
+    target_accuracy: float | None = None,
+    data_dir: str | None = None,
+    augment: str | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    **options: Any,
+) -> TrainResult:
+    """Trains `model` with many small-batch learners per device.
+
+    Args:
+        model: a Flax Linen module (with a `train` keyword if it has BatchNorm
+            or dropout) or a model name (`crossbow_jax.models.model_names()`).
+        train: a pair `(images, labels)` of NumPy arrays (NHWC or (N, features);
+            integer labels) or a dataset name (`crossbow_jax.data.dataset_names()`).
+        test: a pair like `train`, or None (a named dataset brings its own).
+        optimizer: the learner optimiser (any optax transformation). None
+            builds SGD with `learning_rate`, `momentum`, `weight_decay` and the
+            epoch-based schedule of the config.
+        batch_size, learners_per_device, algorithm, epochs, seed, target_accuracy:
+            see `TrainConfig`.
+        data_dir: where named datasets are looked for and cached.
+        augment: "crop_flip" for user arrays that want CIFAR-style augmentation.
+        callback: called with every history row as it is logged.
+        **options: any other `TrainConfig` field (e.g. `eval_every`, `mapper`,
+            `checkpoint_dir`, `resume`, `lr_milestones`, `alpha`).
+
+    Returns:
+        A `TrainResult`.
+
+    Raises:
+        ConfigError: bad settings or data, before any training.
+        TrainingDiverged: the loss became NaN/Inf (the last good checkpoint stays).
+    """
+    config = make_config(
+        batch_size=batch_size,
+        learners_per_device=learners_per_device,
+        algorithm=algorithm,
+        epochs=epochs,
+        seed=seed,
+        target_accuracy=target_accuracy,
+        **options,
+    )
+    if isinstance(model, str):  # a bad name fails before the data is loaded
+        get_spec(model)
+    checkpointer = Checkpointer(config.checkpoint_dir, config) if config.checkpoint_dir else None
+    try:
+        data = resolve_data(train, test, data_dir=data_dir, augment=augment)
+        mesh = make_mesh(select_devices(config.num_devices))
+        started = time.perf_counter()
+        module = resolve_model(model, data.num_classes, config.dtype)
+        m, tuning = config.learners_per_device, None
+        if m == "auto":
+            resuming = config.resume and checkpointer.latest_step() is not None
+            tuning = choose_learners(
+                config, module, optimizer, data, mesh, name=model_name(model), reuse=resuming
+            )
+            m = tuning["chosen"]
+        return fit(
+            config,
+            module,
+            optimizer,
+            data,
+            mesh,
+            m,
+            checkpointer=checkpointer,
+            callback=callback,
+            tuning=tuning,
+            started=started,
+        )
+    finally:
+        if checkpointer:
+            checkpointer.close()
