@@ -3,14 +3,15 @@ chosen (the tuner, for "auto"), then the engine's loop (`crossbow_jax.engine.fit
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
 
-from crossbow_jax.engine import TrainResult, fit, make_mesh, select_devices
+from crossbow_jax.engine import TrainResult, fit
 from crossbow_jax.engine.checkpoint import Checkpointer
 from crossbow_jax.engine.config import make_config
-from crossbow_jax.engine.inputs import resolve_data, resolve_model
+from crossbow_jax.engine.inputs import resolve
 from crossbow_jax.models import get_spec
 from crossbow_jax.tuning import choose_learners
 from crossbow_jax.tuning.tuner import model_name
@@ -71,11 +72,9 @@ def train(
     if isinstance(model, str):  # a bad name fails before the data is loaded
         get_spec(model)
     checkpointer = Checkpointer(config.checkpoint_dir, config) if config.checkpoint_dir else None
-    try:
-        data = resolve_data(train, test, data_dir=data_dir, augment=augment)
-        mesh = make_mesh(select_devices(config.num_devices))
+    with checkpointer or contextlib.nullcontext():
+        module, data, mesh = resolve(config, model, train, test, data_dir=data_dir, augment=augment)
         started = time.perf_counter()
-        module = resolve_model(model, data.num_classes, config.dtype)
         m, tuning = config.learners_per_device, None
         if m == "auto":
             resuming = config.resume and checkpointer.latest_step() is not None
@@ -95,6 +94,3 @@ def train(
             tuning=tuning,
             started=started,
         )
-    finally:
-        if checkpointer:
-            checkpointer.close()

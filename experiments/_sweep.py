@@ -218,9 +218,8 @@ def train_figures(run: dict[str, Any], data, show=None) -> dict[str, Any]:
 
 def throughput_figures(run: dict[str, Any], data, show=None) -> dict[str, Any]:
     """Times one layout (no training) with the auto-tuner's trial; images/s of all learners."""
-    from crossbow_jax.engine import make_mesh, select_devices
     from crossbow_jax.engine.config import TrainConfig
-    from crossbow_jax.engine.inputs import resolve_data, resolve_model
+    from crossbow_jax.engine.inputs import resolve
     from crossbow_jax.tuning.measure import run_trial
 
     s = dict(run["settings"])
@@ -229,10 +228,7 @@ def throughput_figures(run: dict[str, Any], data, show=None) -> dict[str, Any]:
     cfg = TrainConfig(
         **options, seed=run["seed"], progress=False, tune_steps=steps, tune_repeats=repeats
     )
-    d = data(s)
-    arrays = resolve_data(d["train"], d["test"], data_dir=d["data_dir"], augment=d["augment"])
-    model = resolve_model(s["model"], arrays.num_classes, cfg.dtype)
-    mesh = make_mesh(select_devices(cfg.num_devices))
+    model, arrays, mesh = resolve(cfg, s["model"], **data(s))
     return run_trial(cfg, model, None, arrays, mesh, cfg.learners_per_device).as_row()
 
 

@@ -52,11 +52,8 @@ def tiny_images(n=256, seed=0):
 
 def prepared(config, model, train, test=None, optimizer=None):
     """The engine prepared for `config`'s layout (as `fit` starts), and the resolved data."""
-    from crossbow_jax.engine import make_mesh, select_devices
-    from crossbow_jax.engine.inputs import resolve_data
+    from crossbow_jax.engine.inputs import resolve
     from crossbow_jax.engine.programs import prepare
 
-    data = resolve_data(train, test)
-    mesh = make_mesh(select_devices(config.num_devices))
-    run = prepare(config, model, optimizer, data, mesh, config.learners_per_device)
-    return run, data
+    model, data, mesh = resolve(config, model, train, test)
+    return prepare(config, model, optimizer, data, mesh, config.learners_per_device), data

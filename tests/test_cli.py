@@ -83,6 +83,16 @@ def test_help_explains_every_flag_with_its_default(capsys):
     assert all(name in top for name in ("train", "models", "data"))
 
 
+def test_every_train_flag_is_in_the_docs_table():
+    """docs/usage.md lists every flag the parser (made from `TrainConfig`) accepts."""
+    import pathlib
+
+    table = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "usage.md").read_text()
+    options = [o for a in _train_parser()._actions for o in a.option_strings if o != "-h"]
+    missing = [o for o in options if o != "--help" and f"`{o}" not in table]
+    assert not missing, f"docs/usage.md lacks {missing}"
+
+
 def test_flag_defaults_are_the_config_defaults():
     args = _train_parser().parse_args([])
     cfg = _common.config_from_args(args, learners_per_device=4)

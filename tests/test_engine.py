@@ -12,7 +12,7 @@ from crossbow_jax.data.preprocess import crop_flip
 from crossbow_jax.engine.config import TrainConfig
 from crossbow_jax.engine.plan import Layout, plan_chunks
 from crossbow_jax.engine.programs import Compiler
-from crossbow_jax.engine.schedules import learning_rate_schedule
+from crossbow_jax.engine.optimizers import learning_rate_schedule
 from crossbow_jax.engine.step import batch_indices
 
 TRAIN, TEST = split()
@@ -156,7 +156,7 @@ def test_reset_at_drops_puts_every_learner_on_z(monkeypatch):
         progress=False,
         steps_per_dispatch=1,
     )
-    compile_train = Compiler.train
+    compile_train = Compiler.train_program
     calls = []
 
     def spy(self, *args, **kwargs):
@@ -172,7 +172,7 @@ def test_reset_at_drops_puts_every_learner_on_z(monkeypatch):
 
         return run
 
-    monkeypatch.setattr(Compiler, "train", spy)
+    monkeypatch.setattr(Compiler, "train_program", spy)
     crossbow_jax.train(MLP(), TRAIN, TEST, epochs=1 + 1 / spe, **kw)
     assert len(calls) == spe + 1
     learners = seen["params"]
@@ -263,7 +263,7 @@ def test_host_fed_data_trains_exactly_like_device_resident_data(mapper):
 @pytest.mark.parametrize("mapper", ["shard_map", "pmap"])
 def test_compile_time_counts_the_initialisation_programs(mapper):
     cfg = TrainConfig(batch_size=8, learners_per_device=2, num_devices=2, mapper=mapper)
-    run, data = prepared(cfg, MLP(), TRAIN, TEST)
-    assert run.compiler.seconds == 0.0
-    run.compiler.init_state(cfg.seed, data.example)
-    assert run.compiler.seconds > 0.0
+    setup, data = prepared(cfg, MLP(), TRAIN, TEST)
+    assert setup.compiler.seconds == 0.0
+    setup.compiler.init_state(cfg.seed, data.example)
+    assert setup.compiler.seconds > 0.0

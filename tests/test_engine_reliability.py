@@ -118,10 +118,9 @@ def test_divergence_stops_with_a_clear_message_and_keeps_good_checkpoints(tmp_pa
     saved = checkpoint_steps(tmp_path)
     assert saved and saved[-1] <= 32
     cfg = crossbow_jax.TrainConfig(resume=True, **kw)
-    run, data = prepared(cfg, MLP(), TRAIN, TEST, optimizer=optax.sgd(lr))
-    checkpointer = Checkpointer(cfg.checkpoint_dir, cfg)
-    state, record = checkpointer.restore(run.compiler.init_state(cfg.seed, data.example))
-    checkpointer.close()
+    setup, data = prepared(cfg, MLP(), TRAIN, TEST, optimizer=optax.sgd(lr))
+    with Checkpointer(cfg.checkpoint_dir, cfg) as checkpointer:
+        state, record = checkpointer.restore(setup.compiler.init_state(cfg.seed, data.example))
     assert all(np.all(np.isfinite(x)) for x in leaves(state.params))
     assert all(np.isfinite(row["loss"]) for row in record["history"])
 
@@ -142,7 +141,7 @@ BAD = [
 
 @pytest.mark.parametrize("kwargs, match", BAD, ids=[m for _, m in BAD])
 def test_bad_settings_fail_before_any_work(kwargs, match, monkeypatch):
-    monkeypatch.setattr(programs, "TrainInputs", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(programs, "TrainData", lambda *a, **k: pytest.fail("work started"))
     kw = {
         "batch_size": 8,
         "learners_per_device": 2,
@@ -156,7 +155,7 @@ def test_bad_settings_fail_before_any_work(kwargs, match, monkeypatch):
 
 
 def test_bad_data_and_model_fail_before_any_work(tmp_path, monkeypatch):
-    monkeypatch.setattr(programs, "TrainInputs", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(programs, "TrainData", lambda *a, **k: pytest.fail("work started"))
     x, y = TRAIN
     with pytest.raises(ConfigError, match=r"test examples have shape \(4,\) but train"):
         crossbow_jax.train(MLP(), TRAIN, (TEST[0][:, :4], TEST[1]), progress=False)
@@ -170,3 +169,32 @@ def test_bad_data_and_model_fail_before_any_work(tmp_path, monkeypatch):
     blocker.write_text("")
     with pytest.raises(ConfigError, match="cannot write to .*a-file/run"):
         crossbow_jax.train(MLP(), TRAIN, TEST, checkpoint_dir=str(blocker / "run"), progress=False)
+
+
+def test_fit_without_a_checkpointer_opens_the_run_folder_itself(tmp_path):
+    from crossbow_jax.engine import fit
+    from crossbow_jax.engine.inputs import resolve
+
+    cfg = crossbow_jax.TrainConfig(
+        batch_size=8, learners_per_device=2, num_devices=2, epochs=1, progress=False,
+        steps_per_dispatch=8, checkpoint_dir=str(tmp_path / "run"),
+    )  # fmt: skip
+    model, data, mesh = resolve(cfg, MLP(), TRAIN, TEST)
+    result = fit(cfg, model, None, data, mesh, 2)
+    assert checkpoint_steps(tmp_path / "run") == [result.steps]
+    assert (tmp_path / "run" / "config.json").is_file()
+
+
+def test_config_keeps_plain_values_for_numpy_scalars_flags_and_paths(tmp_path):
+    import json
+
+    cfg = crossbow_jax.TrainConfig(
+        seed=np.int64(3), learning_rate=np.float32(0.5), progress=0, checkpoint_dir=tmp_path
+    )
+    assert type(cfg.seed) is int and type(cfg.learning_rate) is float
+    assert cfg.progress is False and cfg.checkpoint_dir == str(tmp_path)
+    assert json.loads(cfg.to_json())["seed"] == 3
+    with pytest.raises(ConfigError, match="progress=2 must be True or False"):
+        crossbow_jax.TrainConfig(progress=2)
+    with pytest.raises(ConfigError, match="epochs='5' must be a number > 0"):
+        crossbow_jax.TrainConfig(epochs="5")

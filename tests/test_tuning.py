@@ -167,10 +167,10 @@ def test_tune_measures_a_curve_and_guards_memory(tmp_path):
 def test_out_of_memory_during_a_trial_ends_the_search(monkeypatch):
     real = measure_mod._dispatch
 
-    def dispatch(run, program, chunks, state):
-        if run.layout.learners >= 2:
+    def dispatch(setup, program, chunks, state):
+        if setup.layout.learners >= 2:
             raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
-        return real(run, program, chunks, state)
+        return real(setup, program, chunks, state)
 
     monkeypatch.setattr(measure_mod, "_dispatch", dispatch)
     r = tune(MLP(), SMALL_TRAIN, **TUNE)
@@ -262,9 +262,8 @@ def test_cli_tune_writes_json_and_png(tmp_path, capsys):
 
 
 def test_tuning_options_come_from_the_train_config():
-    from crossbow_jax.engine import make_mesh, select_devices
     from crossbow_jax.engine.config import TrainConfig
-    from crossbow_jax.engine.inputs import resolve_data
+    from crossbow_jax.engine.inputs import resolve
     from crossbow_jax.tuning.measure import Trial
     from crossbow_jax.tuning.tuner import search_learners
 
@@ -283,8 +282,8 @@ def test_tuning_options_come_from_the_train_config():
         seen.append(cfg)
         return Trial(m, 100.0 * 2**m, None, "ok")
 
-    data, mesh = resolve_data(SMALL_TRAIN, None), make_mesh(select_devices(1))
-    r = search_learners(cfg, MLP(), None, data, mesh, log=None, measure=measure)
+    model, data, mesh = resolve(cfg.replace(num_devices=1), MLP(), SMALL_TRAIN)
+    r = search_learners(cfg, model, None, data, mesh, log=None, measure=measure)
     options = ("strategy", "threshold", "max_learners", "steps", "repeats", "memory_limit")
     assert {k: r[k] for k in options} == {
         "strategy": "doubling",
@@ -296,7 +295,7 @@ def test_tuning_options_come_from_the_train_config():
     }
     assert [row["learners"] for row in r["curve"]] == [1, 2, 3] and r["chosen"] == 3
     assert all(c is cfg for c in seen)  # each trial reads its options from the config
-    r = search_learners(cfg.replace(tune_steps=7), MLP(), None, data, mesh, log=None,
+    r = search_learners(cfg.replace(tune_steps=7), model, None, data, mesh, log=None,
                         measure=measure)  # fmt: skip
     assert r["steps"] == 7
 

@@ -7,7 +7,7 @@
 - `loop.py`: `fit`, the host loop (plan, dispatch, metrics one dispatch
   late, evaluation, checkpoints); `record.py`: its history and result.
 - `config.py`, `plan.py`, `inputs.py`, `placement.py`, `feed.py`,
-  `schedules.py`, `checkpoint.py`, `mapping.py`, `distributed.py`: the
+  `optimizers.py`, `checkpoint.py`, `mapping.py`, `distributed.py`: the
   settings, the cut of a run into dispatches, the user's data, where it
   lives on the devices, the learner optimiser, orbax checkpoints, the
   device axis and multi-process runs.

@@ -16,6 +16,8 @@ import math
 import os
 from typing import Any
 
+import numpy as np
+
 ALGORITHMS = ("sma", "ssgd")
 EXECUTIONS = ("auto", "vmap", "unroll")
 MAPPERS = ("shard_map", "pmap")
@@ -52,6 +54,8 @@ class Range:
         return above and below
 
     def __str__(self) -> str:
+        if self.low == -math.inf:
+            return "a number"
         if self.high is None:
             return f"{'>=' if self.low_in else '>'} {self.low:g}"
         left, right = "[" if self.low_in else "(", "]" if self.high_in else ")"
@@ -110,12 +114,6 @@ class TrainConfig:
     seed: int = option(
         0, "seeds initialisation, data order, augmentation and dropout", _L, at_least=0
     )
-    target_accuracy: float | None = option(
-        None,
-        "stop when the central model's test accuracy reaches this, and report the time "
-        "to reach it (default: none, train all epochs)",
-        _L, range=Range(0, high=1, high_in=True), metavar="ACC", identity=False,
-    )  # fmt: skip
     learning_rate: float = option(
         0.05, "the learner optimiser's base learning rate (the default optimiser)", _O,
         range=POSITIVE, flags=("--lr", "--learning-rate"), metavar="LR",
@@ -186,7 +184,12 @@ class TrainConfig:
         _E, at_least=1, metavar="N",
     )  # fmt: skip
     dtype: str = option("float32", "compute dtype of the model", _E, choices=DTYPES)
-    progress: bool = option(True, "a progress bar on stderr", _E, identity=False)
+    target_accuracy: float | None = option(
+        None,
+        "stop when the central model's test accuracy reaches this, and report the time "
+        "to reach it (default: none, train all epochs)",
+        _L, range=Range(0, high=1, high_in=True), metavar="ACC", identity=False,
+    )  # fmt: skip
     checkpoint_dir: str | None = option(
         None,
         "the run folder: config.json and orbax checkpoints; the crossbow-jax command also "
@@ -203,6 +206,7 @@ class TrainConfig:
         "settings",
         _R, identity=False,
     )  # fmt: skip
+    progress: bool = option(True, "a progress bar on stderr", _E, identity=False)
     tune_strategy: str = option(
         "linear",
         "linear: add one learner at a time (the paper's rule); doubling: 1, 2, 4, ... then "
@@ -234,9 +238,9 @@ class TrainConfig:
     )  # fmt: skip
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # NumPy scalars, 0/1 flags, paths: plain values
+            object.__setattr__(self, f.name, _plain(f, getattr(self, f.name)))
         object.__setattr__(self, "lr_milestones", _floats("lr_milestones", self.lr_milestones))
-        if isinstance(self.checkpoint_dir, os.PathLike):
-            object.__setattr__(self, "checkpoint_dir", os.fspath(self.checkpoint_dir))
         self.validate()
 
     def validate(self) -> None:
@@ -309,13 +313,17 @@ def check_field(name: str, value: Any) -> None:
         if value not in rule["choices"]:
             raise ConfigError(f"{name}={value!r} is not one of {', '.join(rule['choices'])}")
     elif what == "int":
-        if not _is_int(value) or value < rule.get("at_least", value):
+        low = rule.get("at_least")
+        if not _is_int(value) or (low is not None and value < low):
+            bound = "" if low is None else f" >= {low}"
             extra = ' or "auto"' if rule.get("auto") else ""
-            raise ConfigError(f"{name}={value!r} must be an int >= {rule['at_least']}{extra}")
+            raise ConfigError(f"{name}={value!r} must be an int{bound}{extra}")
     elif what == "float":
-        if not _is_number(value) or value not in rule.get("range", Range(-math.inf)):
+        numbers = rule.get("range", Range(-math.inf))
+        if not _is_number(value) or value not in numbers:
+            prefix = "" if _is_number(value) or "range" not in rule else "a number "
             extra = f" (or None for {rule['none']})" if "none" in rule else ""
-            raise ConfigError(f"{name}={value!r} must be {rule['range']}{extra}")
+            raise ConfigError(f"{name}={value!r} must be {prefix}{numbers}{extra}")
     elif what == "bool" and not isinstance(value, bool):
         raise ConfigError(f"{name}={value!r} must be True or False")
     elif what == "str" and not isinstance(value, str):
@@ -334,6 +342,17 @@ def check_writable(folder: str) -> None:
         raise ConfigError(
             f"cannot write to {folder!r} ({e.strerror}); pick a folder you can write"
         ) from None
+
+
+def _plain(field: dataclasses.Field, value: Any) -> Any:
+    """NumPy scalars as Python ones, 0/1 as a flag's bool, a path as a string."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if kind(field) == "bool" and _is_int(value) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
 
 
 def _is_int(value: Any) -> bool:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import numpy as np
 
 from crossbow_jax.data.preprocess import AUGMENTATIONS, Preprocess, for_arrays, pixels
-from crossbow_jax.engine.config import ConfigError
+from crossbow_jax.engine.config import ConfigError, TrainConfig
+from crossbow_jax.engine.mapping import make_mesh, select_devices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +107,8 @@ def resolve_data(
     if y.min() < 0 or (ty is not None and ty.min() < 0):
         raise ConfigError("labels must be >= 0 (class indices)")
     if augment is not None and augment not in AUGMENTATIONS:
-        raise ConfigError(f"augment={augment!r} is not one of None, 'crop_flip'")
+        choices = ", ".join(repr(a) for a in (None, *AUGMENTATIONS))
+        raise ConfigError(f"augment={augment!r} is not one of {choices}")
     if augment and x.ndim != 4:
         raise ConfigError("augment='crop_flip' needs (N, H, W, C) images")
     pre = for_arrays(x, augment)
@@ -159,3 +161,31 @@ def resolve_model(model: Any, num_classes: int, dtype: str) -> nn.Module:
     raise ConfigError(
         f"model must be a flax.linen.Module or a model name, got {type(model).__name__}"
     )
+
+
+class Resolved(NamedTuple):
+    """What the user passed, resolved: the module, the checked data, the device mesh."""
+
+    model: nn.Module
+    data: Arrays
+    mesh: Any
+
+
+def resolve(
+    config: TrainConfig,
+    model: Any,
+    train: Any,
+    test: Any = None,
+    *,
+    data_dir: str | None = None,
+    augment: str | None = None,
+) -> Resolved:
+    """Resolves a model (or its name), the data (or a data set name) and the devices.
+
+    Loads and checks the data (`resolve_data`), selects `config.num_devices`
+    devices, and builds the module for the data's classes and the config's
+    dtype. Nothing is placed on a device yet.
+    """
+    data = resolve_data(train, test, data_dir=data_dir, augment=augment)
+    mesh = make_mesh(select_devices(config.num_devices))
+    return Resolved(resolve_model(model, data.num_classes, config.dtype), data, mesh)

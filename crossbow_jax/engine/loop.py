@@ -17,7 +17,7 @@ from crossbow_jax.engine import mapping
 from crossbow_jax.engine.checkpoint import Checkpointer
 from crossbow_jax.engine.config import TrainConfig
 from crossbow_jax.engine.inputs import Arrays
-from crossbow_jax.engine.placement import TestInputs
+from crossbow_jax.engine.placement import TestData
 from crossbow_jax.engine.plan import plan_chunks
 from crossbow_jax.engine.programs import prepare
 from crossbow_jax.engine.record import History, TrainResult
@@ -45,8 +45,10 @@ def fit(
         data: the resolved data (`crossbow_jax.engine.inputs.resolve_data`).
         mesh: the device mesh.
         learners_per_device: m (an int: the tuner, if any, has chosen it).
-        checkpointer: the run folder's `Checkpointer`, or None; with
-            `config.resume` the run continues from its latest checkpoint.
+        checkpointer: the run folder's `Checkpointer` (None: one is opened
+            on `config.checkpoint_dir` when that is set, and closed at the
+            end); with `config.resume` the run continues from its latest
+            checkpoint.
         callback: called with every history row as it is logged.
         tuning: the tuner's report, kept in the result.
         started: `time.perf_counter()` when the run started (default: now).
@@ -55,25 +57,39 @@ def fit(
         A `TrainResult`.
     """
     started = time.perf_counter() if started is None else started
-    run = prepare(config, model, optimizer, data, mesh, learners_per_device)
-    test = TestInputs(data, mesh) if data.has_test else None
-    state = run.compiler.init_state(config.seed, data.example)
+    if checkpointer is None and config.checkpoint_dir:
+        with Checkpointer(config.checkpoint_dir, config) as opened:
+            return fit(
+                config,
+                model,
+                optimizer,
+                data,
+                mesh,
+                learners_per_device,
+                checkpointer=opened,
+                callback=callback,
+                tuning=tuning,
+                started=started,
+            )
+    setup = prepare(config, model, optimizer, data, mesh, learners_per_device)
+    test = TestData(data, mesh) if data.has_test else None
+    state = setup.compiler.init_state(config.seed, data.example)
     start, rows, before = 0, [], 0.0
     if checkpointer and config.resume and checkpointer.latest_step() is not None:
         state, saved = checkpointer.restore(state)
         start, rows, before = saved["step"], list(saved["history"]), saved["elapsed"]
-    total = max(1, math.ceil(config.epochs * run.steps_per_epoch))
-    plan = plan_chunks(start, total, run.steps_per_epoch, config, run.steps_per_dispatch)
+    total = max(1, math.ceil(config.epochs * setup.steps_per_epoch))
+    plan = plan_chunks(start, total, setup.steps_per_epoch, config, setup.steps_per_dispatch)
     lengths = sorted({chunk.length for chunk in plan})
-    dispatch = {n: run.compiler.train(state, run.inputs, n, run.unroll) for n in lengths}
-    evaluate = run.compiler.evaluate(state, test) if test is not None else None
+    dispatch = {n: setup.compiler.train_program(state, setup.train_data, n, setup.unroll) for n in lengths}
+    evaluate = setup.compiler.eval_program(state, test) if test is not None else None
     history = History(
         config,
         rows,
         before,
         started,
-        images_per_step=run.layout.images_per_step,
-        steps_per_epoch=run.steps_per_epoch,
+        images_per_step=setup.layout.images_per_step,
+        steps_per_epoch=setup.steps_per_epoch,
         total_steps=total,
         devices=mesh.size,
         callback=callback,
@@ -85,8 +101,8 @@ def fit(
         for chunk in plan:
             if chunk.epoch != epoch:
                 epoch = chunk.epoch
-                run.inputs.start_epoch(epoch, [c for c in plan if c.epoch == epoch])
-            state, metrics = dispatch[chunk.length](state, *run.inputs.args(chunk))
+                setup.train_data.start_epoch(epoch, [c for c in plan if c.epoch == epoch])
+            state, metrics = dispatch[chunk.length](state, *setup.train_data.args(chunk))
             if pending:
                 history.add_dispatch(*pending)  # the previous dispatch, one late
             pending = (chunk, metrics)
@@ -105,15 +121,15 @@ def fit(
             history.restart_clock()
     finally:
         history.close()
-        run.inputs.close()
+        setup.train_data.close()
     return TrainResult(
-        params=run.compiler.central_variables(state),
+        params=setup.compiler.central_variables(state),
         accuracy=history.last_accuracy,
         history=history.rows,
         time_to_accuracy=history.time_to_accuracy,
         images_per_second=history.images_per_second(),
         wall_time=history.elapsed(),
-        compile_time=run.compiler.seconds,
+        compile_time=setup.compiler.seconds,
         steps=history.step,
         learners_per_device=learners_per_device,
         devices=mesh.size,
@@ -122,7 +138,7 @@ def fit(
     )
 
 
-def evaluate_central(program, state, test: TestInputs) -> tuple[float, float]:
+def evaluate_central(program, state, test: TestData) -> tuple[float, float]:
     """The central model's test accuracy and mean loss, over every test batch."""
     parts = [mapping.first_device(program(state, *batch)) for batch in test.batches()]
     totals = {k: sum(p[k] for p in parts) for k in parts[0]}

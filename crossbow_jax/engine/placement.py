@@ -1,10 +1,10 @@
 """What a dispatch reads besides the state, placed on the devices.
 
-`TrainInputs` holds the training side: the training set resident on every
+`TrainData` holds the training side: the training set resident on every
 device with the epoch's permutation (`data_placement="device"`), or a
 `Feeder` thread that assembles batches on the host ahead of use ("host");
 plus the run's base PRNG key and the steps at which SMA resets learners.
-`TestInputs` holds the test split, placed in shards or streamed. Both give
+`TestData` holds the test split, placed in shards or streamed. Both give
 the arguments of the per-device programs in `crossbow_jax/engine/step.py`.
 """
 
@@ -21,7 +21,7 @@ from crossbow_jax.engine.config import ConfigError, TrainConfig
 from crossbow_jax.engine.feed import ArraySource, Feeder
 from crossbow_jax.engine.inputs import Arrays
 from crossbow_jax.engine.plan import Chunk, Layout
-from crossbow_jax.engine.schedules import milestone_steps
+from crossbow_jax.engine.optimizers import milestone_steps
 
 EVAL_CHUNK = 500
 
@@ -43,7 +43,7 @@ def resolve_placement(config: TrainConfig, data: Arrays, mesh) -> str:
     return "host" if free > 0 and data.train_x.nbytes > free / 2 else "device"
 
 
-class TrainInputs:
+class TrainData:
     """The training inputs of every dispatch: batches (resident or fed), resets, key.
 
     Args:
@@ -133,7 +133,7 @@ def shard_test_set(x: np.ndarray, y: np.ndarray, devices: int, chunk: int | None
     return x.reshape(shape + x.shape[1:]), y.reshape(shape), mask.reshape(shape)
 
 
-class TestInputs:
+class TestData:
     """The test split on the devices: placed once in shards, or streamed at each evaluation."""
 
     def __init__(self, data: Arrays, mesh):

@@ -33,7 +33,7 @@ def layout_for(algorithm: str, devices: int, m: int, batch: int) -> Layout:
     return Layout(devices, m, batch) if algorithm == "sma" else Layout(devices, 1, m * batch)
 
 
-def steps_per_epoch(layout: Layout, num_train: int, m: int) -> int:
+def epoch_steps(layout: Layout, num_train: int) -> int:
     """Steps in one epoch (the training set consumed once by all learners together).
 
     Raises:
@@ -41,10 +41,11 @@ def steps_per_epoch(layout: Layout, num_train: int, m: int) -> int:
     """
     steps = num_train // layout.images_per_step
     if steps == 0:
+        lay = layout
         raise ConfigError(
-            f"one step needs {layout.images_per_step} images ({layout.devices} devices x {m} "
-            f"learners x batch {layout.images_per_step // (layout.devices * m)}) but the "
-            f"training set has {num_train}; use a smaller batch_size or fewer learners"
+            f"one step needs {lay.images_per_step} images ({lay.devices} devices x "
+            f"{lay.learners} learners x batch {lay.batch}) but the training set has "
+            f"{num_train}; use a smaller batch_size or fewer learners"
         )
     return steps
 

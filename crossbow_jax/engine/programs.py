@@ -20,9 +20,9 @@ import numpy as np
 from crossbow_jax.engine import mapping, step
 from crossbow_jax.engine.config import TrainConfig
 from crossbow_jax.engine.inputs import Arrays
-from crossbow_jax.engine.placement import TestInputs, TrainInputs
-from crossbow_jax.engine.plan import Layout, layout_for, steps_per_epoch
-from crossbow_jax.engine.schedules import learner_transform
+from crossbow_jax.engine.placement import TestData, TrainData
+from crossbow_jax.engine.plan import Layout, epoch_steps, layout_for
+from crossbow_jax.engine.optimizers import learner_transform
 
 
 def resolve_execution(execution: str, mesh) -> str:
@@ -97,18 +97,18 @@ class Compiler:
             mapping.put_on_devices(np.zeros(lay.devices, np.int32), self.mesh),
         )
 
-    def train(self, state: step.TrainState, inputs: TrainInputs, length: int, unroll: bool):
-        """The dispatch program of `length` steps: (state, *inputs.args(chunk)) -> (state, metrics).
+    def train_program(self, state: step.TrainState, data: TrainData, length: int, unroll: bool):
+        """The dispatch of `length` steps: (state, *data.args(chunk)) -> (state, metrics).
 
         The state is donated: a dispatch's input state is gone once it runs.
         """
-        if inputs.placement == "host":
+        if data.placement == "host":
             fn = functools.partial(step.train_fed_steps, self.spec, unroll=unroll)
         else:
             fn = functools.partial(step.train_steps, self.spec, length=length, unroll=unroll)
-        return self._compile(self._map(fn, (0,)), state, *inputs.example_args(length))
+        return self._compile(self._map(fn, (0,)), state, *data.example_args(length))
 
-    def evaluate(self, state: step.TrainState, test: TestInputs):
+    def eval_program(self, state: step.TrainState, test: TestData):
         """The evaluation program: (state, *batch) -> {"correct", "loss_sum", "count"}."""
         fn = functools.partial(step.eval_step, self.spec)
         return self._compile(self._map(fn), state, *test.batches(limit=1)[0])
@@ -119,20 +119,20 @@ class Compiler:
         return mapping.first_device(fn(state))
 
 
-class Prepared(NamedTuple):
+class Setup(NamedTuple):
     """What one layout of learners needs before its first dispatch."""
 
     layout: Layout
     steps_per_epoch: int
     compiler: Compiler
-    inputs: TrainInputs  # the training set placed (or its feeder), resets, key
+    train_data: TrainData  # the training set placed (or its feeder), resets, key
     steps_per_dispatch: int
     unroll: bool
 
 
 def prepare(
     config: TrainConfig, model, optimizer, data: Arrays, mesh, learners_per_device: int
-) -> Prepared:
+) -> Setup:
     """Lays out `learners_per_device` learners, places the training data, readies the compiler.
 
     Args:
@@ -147,7 +147,7 @@ def prepare(
         ConfigError: not even one step fits in the training set (before any work).
     """
     layout = layout_for(config.algorithm, mesh.size, learners_per_device, config.batch_size)
-    per_epoch = steps_per_epoch(layout, data.num_train, learners_per_device)
+    per_epoch = epoch_steps(layout, data.num_train)
     spec = step.StepSpec(
         model,
         learner_transform(config, optimizer, per_epoch),
@@ -157,5 +157,5 @@ def prepare(
         config.algorithm,
     )
     compiler = Compiler(spec, mesh, config.mapper)
-    inputs = TrainInputs(config, data, layout, mesh, per_epoch)
-    return Prepared(layout, per_epoch, compiler, inputs, *resolve_dispatch(config, mesh))
+    train_data = TrainData(config, data, layout, mesh, per_epoch)
+    return Setup(layout, per_epoch, compiler, train_data, *resolve_dispatch(config, mesh))

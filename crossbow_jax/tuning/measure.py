@@ -23,7 +23,7 @@ import numpy as np
 
 from crossbow_jax.engine.config import TrainConfig
 from crossbow_jax.engine.plan import Chunk
-from crossbow_jax.engine.programs import Prepared, prepare
+from crossbow_jax.engine.programs import Setup, prepare
 
 OK, OOM, MEMORY = "ok", "oom", "memory"
 _OOM_MARKERS = ("resource_exhausted", "resource exhausted", "out of memory", "oom when")
@@ -112,10 +112,10 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
 
-def _dispatch(run: Prepared, program, chunks: list[Chunk], state):
+def _dispatch(setup: Setup, program, chunks: list[Chunk], state):
     """Runs the chunks back to back, as training does, and waits for the last."""
     for chunk in chunks:
-        state, metrics = program(state, *run.inputs.args(chunk))
+        state, metrics = program(state, *setup.train_data.args(chunk))
     jax.block_until_ready((state, metrics))
     return state
 
@@ -146,17 +146,17 @@ def run_trial(cfg: TrainConfig, model, optimizer, data, mesh, m: int) -> Trial:
     local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     limit = cfg.tune_memory_limit if cfg.tune_memory_limit is not None else free_memory(local)
     memory = compile_seconds = None
-    run = state = None
+    setup = state = None
     try:
-        run = prepare(cfg, model, optimizer, data, mesh, m)
-        images_per_step = run.layout.images_per_step
-        state = run.compiler.init_state(cfg.seed, data.example)
-        length = min(run.steps_per_dispatch, steps)
+        setup = prepare(cfg, model, optimizer, data, mesh, m)
+        images_per_step = setup.layout.images_per_step
+        state = setup.compiler.init_state(cfg.seed, data.example)
+        length = min(setup.steps_per_dispatch, steps)
         dispatches = -(-steps // length)
         steps = dispatches * length
         chunk = Chunk(0, length, 0, 0, False, False)
-        program = run.compiler.train(state, run.inputs, length, run.unroll)
-        compile_seconds = run.compiler.seconds
+        program = setup.compiler.train_program(state, setup.train_data, length, setup.unroll)
+        compile_seconds = setup.compiler.seconds
         memory = program_memory(program)
         too_big = limit is not None and memory is not None and memory > limit
         if _from_process_0(float(too_big)):
@@ -169,21 +169,21 @@ def run_trial(cfg: TrainConfig, model, optimizer, data, mesh, m: int) -> Trial:
                 steps=steps,
                 error=f"estimated {memory} bytes per device, over the limit of {limit}",
             )
-        run.inputs.start_epoch(0, [chunk] * (1 + repeats * dispatches))
-        state = _dispatch(run, program, [chunk], state)  # warm-up
+        setup.train_data.start_epoch(0, [chunk] * (1 + repeats * dispatches))
+        state = _dispatch(setup, program, [chunk], state)  # warm-up
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
-            state = _dispatch(run, program, [chunk] * dispatches, state)
+            state = _dispatch(setup, program, [chunk] * dispatches, state)
             times.append(time.perf_counter() - t)
     except Exception as e:
         if not is_out_of_memory(e):
             raise
         return Trial(m, None, memory, OOM, None, compile_seconds, steps, _first_line(e))
     finally:
-        if run is not None:
-            run.inputs.close()
-        del run, state
+        if setup is not None:
+            setup.train_data.close()
+        del setup, state
     median = _from_process_0(statistics.median(times))
     return Trial(
         m,

@@ -1,4 +1,4 @@
-"""The decision rule of the auto-tuner, apart from any measurement.
+"""The decision rule of the auto-tuner, apart from any measurement (no device).
 
 A `Search` proposes a number of learners per device, is told the measured
 throughput of that setting (or that it failed), and proposes the next one

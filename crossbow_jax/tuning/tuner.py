@@ -17,9 +17,8 @@ from typing import Any
 
 import jax
 
-from crossbow_jax.engine import make_mesh, select_devices
 from crossbow_jax.engine.config import ConfigError, TrainConfig, make_config
-from crossbow_jax.engine.inputs import resolve_data, resolve_model
+from crossbow_jax.engine.inputs import resolve
 from crossbow_jax.engine.programs import resolve_execution
 from crossbow_jax.tuning import report
 from crossbow_jax.tuning.measure import run_trial
@@ -184,10 +183,8 @@ def tune(
     config.pop("learners_per_device", None)
     config.setdefault("progress", False)
     cfg = make_config(learners_per_device="auto", **config)
-    data = resolve_data(train, test, data_dir=data_dir, augment=augment)
-    mesh = make_mesh(select_devices(cfg.num_devices))
-    resolved = resolve_model(model, data.num_classes, cfg.dtype)
-    result = search_learners(cfg, resolved, optimizer, data, mesh, log=log)
+    module, data, mesh = resolve(cfg, model, train, test, data_dir=data_dir, augment=augment)
+    result = search_learners(cfg, module, optimizer, data, mesh, log=log)
     result["model"] = model_name(model)
     if json_path is not None:
         report.write_json(result, json_path)

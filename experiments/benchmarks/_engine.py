@@ -17,12 +17,11 @@ import jax
 import numpy as np
 import optax
 
-from crossbow_jax.engine import make_mesh, select_devices
 from crossbow_jax.engine.config import TrainConfig
-from crossbow_jax.engine.inputs import resolve_data, resolve_model
+from crossbow_jax.engine.inputs import resolve
 from crossbow_jax.engine.plan import Chunk
-from crossbow_jax.engine.programs import Compiler, Prepared, prepare
-from crossbow_jax.engine.schedules import default_optimizer
+from crossbow_jax.engine.programs import Compiler, Setup, prepare
+from crossbow_jax.engine.optimizers import default_optimizer
 
 
 def synthetic(n: int, shape: tuple[int, ...], classes: int = 10, seed: int = 0):
@@ -33,22 +32,23 @@ def synthetic(n: int, shape: tuple[int, ...], classes: int = 10, seed: int = 0):
     return images, labels
 
 
-class EngineRun(NamedTuple):
+class Engine(NamedTuple):
     """One engine setting, prepared as `crossbow_jax.train` prepares it, nothing compiled."""
 
     config: TrainConfig
-    run: Prepared
+    setup: Setup
     example: np.ndarray  # one stored training example, for the initial state
 
 
-def engine_run(model: Any, data: tuple[np.ndarray, np.ndarray], **config: Any) -> EngineRun:
-    """The engine prepared for a config: data resident on the device, nothing compiled yet."""
+def engine_run(model: Any, data: tuple[np.ndarray, np.ndarray], **config: Any) -> Engine:
+    """The engine prepared for a config: data resident on the device, nothing compiled yet.
+
+    `learners_per_device` must be a number (a benchmark fixes its layout).
+    """
     cfg = TrainConfig(**{"progress": False, "data_placement": "device", **config})
-    arrays = resolve_data(data, None)
-    mesh = make_mesh(select_devices(cfg.num_devices))
-    module = resolve_model(model, arrays.num_classes, cfg.dtype)
-    run = prepare(cfg, module, None, arrays, mesh, cfg.learners_per_device)
-    return EngineRun(cfg, run, arrays.example)
+    module, arrays, mesh = resolve(cfg, model, data)
+    setup = prepare(cfg, module, None, arrays, mesh, cfg.learners_per_device)
+    return Engine(cfg, setup, arrays.example)
 
 
 def per_learner(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
@@ -60,18 +60,19 @@ def per_learner(optimizer: optax.GradientTransformation) -> optax.GradientTransf
     return optax.GradientTransformation(jax.vmap(optimizer.init), update)
 
 
-def with_plain_learners(engine: EngineRun) -> EngineRun:
+def with_plain_learners(engine: Engine) -> Engine:
     """The same setting, with learners that take plain steps, never averaged.
 
     The learner optimiser is the one `sma` wraps in the run (the config's
     default SGD), vmapped over the learners by `per_learner`; the data,
-    layout, execution and dispatch settings are the run's.
+    layout, execution and dispatch settings are the run's. (There is no
+    central model: only the dispatch program is meant to be timed.)
     """
-    run = engine.run
-    plain = per_learner(default_optimizer(engine.config, run.steps_per_epoch))
-    spec = dataclasses.replace(run.compiler.spec, tx=plain)
-    compiler = Compiler(spec, run.compiler.mesh, run.compiler.mapper)
-    return engine._replace(run=run._replace(compiler=compiler))
+    setup = engine.setup
+    plain = per_learner(default_optimizer(engine.config, setup.steps_per_epoch))
+    spec = dataclasses.replace(setup.compiler.spec, tx=plain, algorithm="plain")
+    compiler = Compiler(spec, setup.compiler.mesh, setup.compiler.mapper)
+    return engine._replace(setup=setup._replace(compiler=compiler))
 
 
 class Stepper:
@@ -89,14 +90,16 @@ class Stepper:
         images_per_call: images of all learners in one dispatch.
     """
 
-    def __init__(self, engine: EngineRun, length: int | None = None):
-        run = engine.run
-        self.length = length or run.steps_per_dispatch
-        self.state = run.compiler.init_state(engine.config.seed, engine.example)
-        self.program = run.compiler.train(self.state, run.inputs, self.length, run.unroll)
-        self.compile_seconds = run.compiler.seconds
-        self.args = run.inputs.args(Chunk(0, self.length, 0, 0, False, False))
-        self.images_per_call = self.length * run.layout.images_per_step
+    def __init__(self, engine: Engine, length: int | None = None):
+        setup = engine.setup
+        self.length = length or setup.steps_per_dispatch
+        self.state = setup.compiler.init_state(engine.config.seed, engine.example)
+        self.program = setup.compiler.train_program(
+            self.state, setup.train_data, self.length, setup.unroll
+        )
+        self.compile_seconds = setup.compiler.seconds
+        self.args = setup.train_data.args(Chunk(0, self.length, 0, 0, False, False))
+        self.images_per_call = self.length * setup.layout.images_per_step
         jax.block_until_ready(self(1))
 
     def __call__(self, calls: int):

@@ -1,6 +1,6 @@
 """Engine overhead: the training loop against its bare step, SMA against plain steps.
 
-Command (from the repository root; about 12 minutes on a busy 2-core CPU,
+Command (from the repository root; about 12 minutes on a busy 2-core CPU, 8 on an idle one,
 `--quick` about a minute, nearly all of it compiling, with a tiny LeNet)::
 
     python -m experiments.benchmarks.engine_overhead [--quick] [--out results/benchmarks]
@@ -110,15 +110,15 @@ def build_steppers(size, data):
     steppers, names = {}, {}
     for name, kind, overrides in variant_specs(size["lengths"]):
         engine = _engine.engine_run(size["model"], data, **base, **overrides)
-        run = engine.run
-        execution = run.compiler.spec.execution
-        key = (kind, execution, run.steps_per_dispatch, run.unroll)
+        setup = engine.setup
+        execution = setup.compiler.spec.execution
+        key = (kind, execution, setup.steps_per_dispatch, setup.unroll)
         if key not in steppers:
             engine = _engine.with_plain_learners(engine) if kind == "plain" else engine
             steppers[key] = _engine.Stepper(engine)
         names[name] = (key, {"update": kind, "execution": execution,
-                             "steps_per_dispatch": run.steps_per_dispatch,
-                             "unroll_steps": run.unroll})  # fmt: skip
+                             "steps_per_dispatch": setup.steps_per_dispatch,
+                             "unroll_steps": setup.unroll})  # fmt: skip
     return steppers, names
 
 
