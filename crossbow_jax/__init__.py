@@ -5,7 +5,7 @@ Synchronous Model Averaging (SMA).
 """
 
 from crossbow_jax.api import train
-from crossbow_jax.engine import ConfigError, TrainConfig, TrainingDiverged, TrainResult
+from crossbow_jax.engine import ConfigError, TrainConfig, TrainingDiverged, TrainResult, load_run
 from crossbow_jax.transformation import SMAState, SSGDState, sma, sma_average, ssgd
 
 __version__ = "0.1.0"
@@ -18,6 +18,7 @@ __all__ = [
     "TrainResult",
     "TrainingDiverged",
     "__version__",
+    "load_run",
     "sma",
     "sma_average",
     "ssgd",

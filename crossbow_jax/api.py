@@ -10,7 +10,8 @@ from typing import Any
 
 from crossbow_jax.engine import TrainResult, fit
 from crossbow_jax.engine.checkpoint import Checkpointer
-from crossbow_jax.engine.config import make_config
+from crossbow_jax.engine.checks import check_run
+from crossbow_jax.engine.config import make_config, refuse_ignored_options
 from crossbow_jax.engine.inputs import resolve
 from crossbow_jax.models import get_spec
 from crossbow_jax.tuning import choose_learners
@@ -31,25 +32,37 @@ def train(
     target_accuracy: float | None = None,
     data_dir: str | None = None,
     augment: str | None = None,
+    loss_fn: Callable[[Any, Any], Any] | None = None,
+    metrics_fn: Callable[[Any, Any], dict[str, Any]] | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
     **options: Any,
 ) -> TrainResult:
     """Trains `model` with many small-batch learners per device.
 
     Args:
-        model: a Flax Linen module (with a `train` keyword if it has BatchNorm
-            or dropout) or a model name (`crossbow_jax.models.model_names()`).
-        train: a pair `(images, labels)` of NumPy arrays (NHWC or (N, features);
-            integer labels) or a dataset name (`crossbow_jax.data.dataset_names()`).
+        model: a model name (`crossbow_jax.models.model_names()`); a Flax Linen
+            module (its mode keyword: `train`, `training`, `is_training` or
+            `deterministic`, or the one named by `mode_keyword=`); a Flax NNX
+            module (initialised; every learner starts from its parameters); or
+            a pair `(apply_fn, params)` with `apply_fn(params, x) -> outputs`.
+        train: a pair `(inputs, labels)` of NumPy arrays (NHWC images, (N,
+            features) or any (N, ...) array; labels of any shape and dtype with
+            `loss_fn=`, integer class labels for the default loss) or a dataset
+            name (`crossbow_jax.data.dataset_names()`).
         test: a pair like `train`, or None (a named dataset brings its own).
-        optimizer: the learner optimiser (any optax transformation). None
-            builds SGD with `learning_rate`, `momentum`, `weight_decay` and the
-            epoch-based schedule of the config.
+        optimizer: the learner optimiser (any optax transformation; not
+            `sma`/`ssgd`: the engine wraps it). None builds SGD with
+            `learning_rate`, `momentum`, `weight_decay` and the epoch-based
+            schedule of the config; with an `optimizer`, those settings are refused.
         batch_size, learners_per_device, algorithm, epochs, seed, target_accuracy:
             see `TrainConfig`.
         data_dir: where named datasets are looked for and cached.
         augment: "crop_flip" for user arrays that want CIFAR-style augmentation.
-        callback: called with every history row as it is logged.
+        loss_fn: `(outputs, labels) -> per-example loss` (shape (batch,)); None:
+            softmax cross-entropy on integer labels, with accuracy reported.
+        metrics_fn: `(outputs, labels) -> {name: per-example values}`, reported
+            in the history (training and test) besides the loss.
+        callback: called once with every history row.
         **options: any other `TrainConfig` field (e.g. `eval_every`, `mapper`,
             `checkpoint_dir`, `resume`, `lr_milestones`, `alpha`).
 
@@ -57,9 +70,10 @@ def train(
         A `TrainResult`.
 
     Raises:
-        ConfigError: bad settings or data, before any training.
+        ConfigError: bad settings, model, data or optimiser, before any training.
         TrainingDiverged: the loss became NaN/Inf (the last good checkpoint stays).
     """
+    refuse_ignored_options(optimizer, options)
     config = make_config(
         batch_size=batch_size,
         learners_per_device=learners_per_device,
@@ -74,13 +88,15 @@ def train(
     checkpointer = Checkpointer(config.checkpoint_dir, config) if config.checkpoint_dir else None
     with checkpointer or contextlib.nullcontext():
         module, data, mesh = resolve(config, model, train, test, data_dir=data_dir, augment=augment)
+        task = check_run(config, module, optimizer, data, loss_fn=loss_fn, metrics_fn=metrics_fn)
         started = time.perf_counter()
         m, tuning = config.learners_per_device, None
         if m == "auto":
             resuming = config.resume and checkpointer.latest_step() is not None
             tuning = choose_learners(
-                config, module, optimizer, data, mesh, name=model_name(model), reuse=resuming
-            )
+                config, module, optimizer, data, mesh, task,
+                name=model_name(model), reuse=resuming,
+            )  # fmt: skip
             m = tuning["chosen"]
         return fit(
             config,
@@ -89,6 +105,7 @@ def train(
             data,
             mesh,
             m,
+            task=task,
             checkpointer=checkpointer,
             callback=callback,
             tuning=tuning,

@@ -254,3 +254,23 @@ def test_python_dash_m_is_the_same_command():
         check=True,
     ).stdout
     assert "--learners-per-device" in out and out.startswith("usage: crossbow-jax train")
+
+
+def test_a_model_of_ones_own_by_module_and_attribute(tmp_path, monkeypatch, capsys):
+    (tmp_path / "my_models.py").write_text(
+        "import flax.linen as nn\n\n"
+        "class Tiny(nn.Module):\n"
+        "    @nn.compact\n"
+        "    def __call__(self, x):\n"
+        "        return nn.Dense(10)(x.reshape(x.shape[0], -1))\n\n"
+        "def build():\n"
+        "    return Tiny()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for spec in ("my_models:Tiny", "my_models:build"):
+        assert cli.main(_with("--model", spec)) == 0, capsys.readouterr().err
+        assert capsys.readouterr().out.startswith("result: test accuracy ")
+    assert cli.main(_with("--model", "my_models:Nope")) == 2
+    assert "my_models has no 'Nope'" in capsys.readouterr().err
+    assert cli.main(_with("--model", "no_such_module:Net")) == 2
+    assert "cannot import 'no_such_module'" in capsys.readouterr().err

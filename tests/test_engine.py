@@ -10,9 +10,9 @@ from _engine_fixtures import MLP, BNNet, prepared, split, tiny_images
 import crossbow_jax
 from crossbow_jax.data.preprocess import crop_flip
 from crossbow_jax.engine.config import TrainConfig
+from crossbow_jax.engine.optimizers import learning_rate_schedule
 from crossbow_jax.engine.plan import Layout, plan_chunks
 from crossbow_jax.engine.programs import Compiler
-from crossbow_jax.engine.optimizers import learning_rate_schedule
 from crossbow_jax.engine.step import batch_indices
 
 TRAIN, TEST = split()

@@ -75,7 +75,8 @@ def test_killed_run_resumes_bit_identical(tmp_path):
         **RESUME_KW,
     )
     assert min(row["step"] for row in logged) > killed_at  # it went on, not from scratch
-    straight = crossbow_jax.train(MLP(), TRAIN, TEST, **RESUME_KW)
+    no_folder = {k: v for k, v in RESUME_KW.items() if k != "checkpoint_every"}
+    straight = crossbow_jax.train(MLP(), TRAIN, TEST, **no_folder)
     for a, b in zip(leaves(resumed.params), leaves(straight.params), strict=True):
         np.testing.assert_array_equal(a, b)
     assert resumed.accuracy == straight.accuracy
@@ -198,3 +199,48 @@ def test_config_keeps_plain_values_for_numpy_scalars_flags_and_paths(tmp_path):
         crossbow_jax.TrainConfig(progress=2)
     with pytest.raises(ConfigError, match="epochs='5' must be a number > 0"):
         crossbow_jax.TrainConfig(epochs="5")
+
+
+def folder_bytes(folder):
+    """Every file under `folder` and its bytes."""
+    root = pathlib.Path(folder)
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_a_run_folder_gets_a_checkpoint_every_epoch_and_by_time_without_asking(tmp_path):
+    kw = dict(batch_size=8, learners_per_device=2, num_devices=2, progress=False,
+              steps_per_dispatch=4)  # fmt: skip
+    crossbow_jax.train(MLP(), TRAIN, TEST, epochs=2.5, checkpoint_dir=str(tmp_path / "a"), **kw)
+    per_epoch = 768 // 32
+    assert checkpoint_steps(tmp_path / "a") == [2 * per_epoch, 60]  # the last two kept
+    seen = []
+    real_save = Checkpointer.save
+
+    def save(self, step, *args, **kwargs):
+        seen.append(step)
+        return real_save(self, step, *args, **kwargs)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(Checkpointer, "save", save):
+        crossbow_jax.train(MLP(), TRAIN, TEST, epochs=1, checkpoint_dir=str(tmp_path / "b"),
+                           checkpoint_minutes=1e-9, **kw)  # fmt: skip
+    assert seen == list(range(4, per_epoch + 1, 4))  # by time: after every dispatch here
+    with pytest.raises(ConfigError, match="checkpoint_every=8 needs checkpoint_dir"):
+        crossbow_jax.train(MLP(), TRAIN, TEST, epochs=1, checkpoint_every=8, **kw)
+
+
+def test_resuming_with_another_model_or_optimiser_is_refused_and_changes_nothing(tmp_path):
+    kw = dict(batch_size=8, learners_per_device=2, num_devices=2, progress=False,
+              checkpoint_dir=str(tmp_path))  # fmt: skip
+    crossbow_jax.train(MLP(), TRAIN, TEST, epochs=1, **kw)
+    before = folder_bytes(tmp_path)
+    with pytest.raises(ConfigError, match=r"the model differs from the one the run was started "
+                       r"with \(\['Dense_0'\]\['bias'\] was float32\[4\], now float32\[5\]"):
+        crossbow_jax.train(MLP(classes=5), TRAIN, TEST, epochs=2, resume=True, **kw)
+    with pytest.raises(ConfigError, match="the optimiser differs from the one the run"):
+        crossbow_jax.train(MLP(), TRAIN, TEST, epochs=2, resume=True, optimizer=optax.adam(1e-3),
+                           **kw)  # fmt: skip
+    assert folder_bytes(tmp_path) == before  # nothing written, nothing lost
+    again = crossbow_jax.train(MLP(), TRAIN, TEST, epochs=2, resume=True, **kw)
+    assert again.steps == 2 * (768 // 32)

@@ -76,7 +76,8 @@ def test_inject_hyperparams_gives_the_same_result_as_the_plain_optimizer():
         stacked(),
     )
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), plain, injected)
-    assert state.learner_state.hyperparams["learning_rate"].shape == (3,)  # one per learner
+    # Injected hyperparameters are shared by all learners: one scalar (issue: set with tree_set).
+    assert state.learner_state.hyperparams["learning_rate"].shape == ()
 
 
 def test_global_norm_clipping_is_per_learner():
@@ -170,3 +171,12 @@ def test_unstable_alpha_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         crossbow_jax.sma(optax.sgd(0.1)).init(stacked(m=3))
+
+
+def test_lookahead_as_a_learner_optimiser_is_refused_clearly():
+    with pytest.raises(ValueError, match="optax.lookahead keeps slow weights"):
+        crossbow_jax.sma(optax.lookahead(optax.sgd(0.1), 5, 0.5))
+    lookahead = optax.lookahead(optax.sgd(0.1), 5, 0.5)
+    chained = crossbow_jax.sma(optax.chain(optax.identity(), lookahead))
+    with pytest.raises(ValueError, match="optax.lookahead keeps slow weights"):
+        chained.init(stacked())

@@ -278,7 +278,7 @@ def test_tuning_options_come_from_the_train_config():
     )
     seen = []
 
-    def measure(cfg, model, optimizer, data, mesh, m):  # a rising curve, no device work
+    def measure(cfg, model, optimizer, data, mesh, m, task):  # a rising curve, no device work
         seen.append(cfg)
         return Trial(m, 100.0 * 2**m, None, "ok")
 

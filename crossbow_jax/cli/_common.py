@@ -140,6 +140,32 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         groups[rule["group"]].add_argument(*flags(field), **options)
 
 
+def model_argument(names: list[str]):
+    """A flag parser: a model name, or package.module:attribute (imported at run time)."""
+
+    def parse(text: str) -> str:
+        if text in names or (":" in text and all(text.partition(":")[::2])):
+            return text
+        choices = ", ".join(repr(n) for n in names)
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {text!r} (choose from {choices}, or package.module:attribute)"
+        )
+
+    return parse
+
+
+def model_from_args(args: argparse.Namespace) -> Any:
+    """The `--model`: a name as it is, or the model imported from package.module:attribute."""
+    if ":" not in args.model:
+        return args.model
+    from crossbow_jax.models.adapters import ModelError, import_model
+
+    try:
+        return import_model(args.model)
+    except ModelError as e:
+        raise ConfigError(str(e)) from None
+
+
 def add_data_dir_argument(parser) -> None:
     """`--data-dir`, shared by `train` and `data prepare`."""
     parser.add_argument(
@@ -156,7 +182,15 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     from crossbow_jax.models import model_names
 
     g = parser.add_argument_group("model and data")
-    g.add_argument("--model", choices=model_names(), default="lenet", help="the model to train")
+    g.add_argument(
+        "--model",
+        type=model_argument(model_names()),
+        default="lenet",
+        metavar="NAME",
+        help=f"the model to train: {', '.join(model_names())}, or a model of your own as "
+        "package.module:attribute (a Linen or NNX module, a pair (apply_fn, params), or a "
+        "class or function of no arguments that returns one)",
+    )
     g.add_argument(
         "--dataset", choices=dataset_names(), default="mnist", help="the data set, by name"
     )

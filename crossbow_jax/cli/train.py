@@ -45,6 +45,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     """Trains; process 0 prints the result line and writes the run folder's files."""
     config = _common.config_from_args(args)  # bad flags fail here, before anything starts
+    model = _common.model_from_args(args)
     _common.start_processes(args)
     main_process = distributed.is_main_process()
     if not main_process:
@@ -54,9 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     import crossbow_jax
 
-    result = crossbow_jax.train(
-        args.model, **_common.data_arguments(args), **dataclasses.asdict(config)
-    )
+    result = crossbow_jax.train(model, **_common.data_arguments(args), **dataclasses.asdict(config))
     if main_process:
         if config.checkpoint_dir:
             write_run_files(config.checkpoint_dir, result, model=args.model, dataset=args.dataset)

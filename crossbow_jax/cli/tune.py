@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         raise _common.UsageError("tune does not train, so there is nothing to --resume")
     config = _common.config_from_args(args)  # bad flags fail here, before anything starts
+    model = _common.model_from_args(args)
     _common.start_processes(args)
     main_process = distributed.is_main_process()
     folder = config.checkpoint_dir
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
     data = _common.data_arguments(args)
     tuner.tune(
-        args.model,
+        model,
         data["train"],
         data_dir=data["data_dir"],
         augment=data["augment"],

@@ -23,7 +23,8 @@ class Preprocess:
     """Turns stored pixels into model input on the device.
 
     Attributes:
-        scale: 1/255 for uint8 pixels, None for float features (used as they are).
+        scale: 1/255 for uint8 pixels; None for features used as they are (floats
+            as float32, integers such as token ids as integers).
         mean, std: per-channel normalisation after scaling (None: none).
         augment: "crop_flip" or None; applied only when a key is given (training).
     """
@@ -34,7 +35,8 @@ class Preprocess:
     augment: str | None
 
     def __call__(self, x: jax.Array, key: jax.Array | None) -> jax.Array:
-        x = x.astype(jnp.float32)
+        if self.scale is not None or not jnp.issubdtype(x.dtype, jnp.integer):
+            x = x.astype(jnp.float32)  # integer inputs without a scale (token ids) stay integers
         if self.scale is not None:
             x = x * self.scale
         if self.mean is not None:
@@ -51,7 +53,7 @@ def pixels(mean, std, augment: str | None = None) -> Preprocess:
 
 def for_arrays(x: np.ndarray, augment: str | None = None) -> Preprocess:
     """The preprocessing of user arrays: uint8 images normalised with their own
-    per-channel mean and standard deviation; float features used as they are."""
+    per-channel mean and standard deviation; other inputs used as they are."""
     if x.dtype != np.uint8:
         return Preprocess(None, None, None, augment)
     channels = x.reshape(-1, x.shape[-1]) / 255.0

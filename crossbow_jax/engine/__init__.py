@@ -5,7 +5,10 @@
 - `programs.py`: those functions mapped over the devices and compiled;
   `prepare` readies one layout of learners.
 - `loop.py`: `fit`, the host loop (plan, dispatch, metrics one dispatch
-  late, evaluation, checkpoints); `record.py`: its history and result.
+  late, evaluation, checkpoints); `history.py`: its rows and progress;
+  `result.py`: `TrainResult` and `load_run`.
+- `checks.py`, `task.py`: everything checked before any work, and the
+  loss and figures of the run.
 - `config.py`, `plan.py`, `inputs.py`, `placement.py`, `feed.py`,
   `optimizers.py`, `checkpoint.py`, `mapping.py`, `distributed.py`: the
   settings, the cut of a run into dispatches, the user's data, where it
@@ -16,6 +19,7 @@ See docs/design.md for the path of one batch through these files.
 """
 
 from crossbow_jax.engine.config import ConfigError, TrainConfig
+from crossbow_jax.engine.history import TrainingDiverged
 from crossbow_jax.engine.loop import fit
 from crossbow_jax.engine.mapping import (
     DEVICE_AXIS,
@@ -24,7 +28,7 @@ from crossbow_jax.engine.mapping import (
     put_on_devices,
     select_devices,
 )
-from crossbow_jax.engine.record import TrainingDiverged, TrainResult
+from crossbow_jax.engine.result import TrainResult, load_run
 
 __all__ = [
     "DEVICE_AXIS",
@@ -34,6 +38,7 @@ __all__ = [
     "TrainingDiverged",
     "device_map",
     "fit",
+    "load_run",
     "make_mesh",
     "put_on_devices",
     "select_devices",

@@ -4,8 +4,11 @@ A checkpoint holds the global training state (sharded arrays, written by
 every process for its own shards) and a small JSON record (step, history,
 elapsed time). Orbax writes each step into a temporary folder and renames it
 when complete, so a run killed mid-write leaves the previous checkpoint
-intact. `config.json` in the run folder pins the settings a resumed run must
-share.
+intact. `config.json` in the run folder pins what a resumed run must share:
+the settings (`TrainConfig.identity`) and fingerprints of the model's
+parameter tree and of the optimiser state (every array's path, dtype and
+shape). It is written only once a run has passed every check, so a refused
+resume leaves the folder as it was.
 """
 
 from __future__ import annotations
@@ -15,11 +18,35 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from crossbow_jax.engine.config import ConfigError, TrainConfig, check_writable
 
 CONFIG_FILE = "config.json"
+FINGERPRINTS = {"model": "the model", "optimizer": "the optimiser"}
+"""Fingerprinted parts of the state: `config.json` key `fingerprint_<part>`, and their names."""
+
+
+def fingerprint(tree: Any) -> dict[str, str]:
+    """Every array of `tree` by path: "dtype[shape]"."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {jax.tree_util.keystr(path): f"{x.dtype}{list(x.shape)}" for path, x in leaves}
+
+
+def describe_difference(saved: dict[str, str], now: dict[str, str]) -> str:
+    """What differs between two fingerprints, in a few words."""
+    changed = [k for k in saved if k in now and saved[k] != now[k]]
+    gone = [k for k in saved if k not in now]
+    new = [k for k in now if k not in saved]
+    parts = []
+    if changed:
+        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        parts.append(f"{changed[0]} was {saved[changed[0]]}, now {now[changed[0]]}{more}")
+    for what, keys in (("saved arrays missing now", gone), ("arrays not in the run", new)):
+        if keys:
+            parts.append(f"{len(keys)} {what} (e.g. {keys[0]})")
+    return "; ".join(parts)
 
 
 class Checkpointer:
@@ -32,43 +59,74 @@ class Checkpointer:
             os.path.join(self.directory, "checkpoints"),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
         )
-        self._check_identity(config)
+        self.identity = config.identity()
+        self.saved = self._check_identity(config)
 
-    def _check_identity(self, config: TrainConfig) -> None:
+    def _check_identity(self, config: TrainConfig) -> dict[str, Any]:
+        """The saved `config.json` of a run to resume ({} for a fresh run); checks the settings."""
         path = os.path.join(self.directory, CONFIG_FILE)
-        identity = config.identity()
-        if os.path.exists(path) and self.latest_step() is not None:
-            with open(path) as f:
-                saved = json.load(f)
-            if not config.resume:
+        if not (os.path.exists(path) and self.latest_step() is not None):
+            return {}
+        with open(path) as f:
+            saved = json.load(f)
+        if not config.resume:
+            raise ConfigError(
+                f"{self.directory} already holds a run; pass resume=True "
+                "(--resume) to continue it, or use another folder"
+            )
+        settings = {k: v for k, v in saved.items() if not k.startswith("fingerprint_")}
+        identity = self.identity
+        keys = set(settings) | set(identity)
+        diff = sorted(k for k in keys if settings.get(k) != identity.get(k))
+        if diff:
+            changes = ", ".join(f"{k}: {settings.get(k)!r} -> {identity.get(k)!r}" for k in diff)
+            raise ConfigError(
+                f"cannot resume {self.directory} with another config ({changes}); "
+                "use the original settings or a new folder"
+            )
+        return saved
+
+    def check_and_record(self, **parts: Any) -> None:
+        """Checks a resumed run's model and optimiser against the run folder, then writes
+        `config.json` (settings and fingerprints).
+
+        Args:
+            **parts: `model=` the parameter tree, `optimizer=` the optimiser state
+                (arrays or shape structs; see `FINGERPRINTS`).
+
+        Raises:
+            ConfigError: the run folder was started with another model or
+                optimiser; nothing in the folder is changed.
+        """
+        record = dict(self.identity)
+        for part, tree in parts.items():
+            key, now = f"fingerprint_{part}", fingerprint(tree)
+            saved = self.saved.get(key)
+            if saved is not None and saved != now:
                 raise ConfigError(
-                    f"{self.directory} already holds a run; pass resume=True "
-                    "(--resume) to continue it, or use another folder"
+                    f"cannot resume {self.directory}: {FINGERPRINTS[part]} differs from the "
+                    f"one the run was started with ({describe_difference(saved, now)}); "
+                    "use the original one or a new folder"
                 )
-            diff = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
-            if diff:
-                changes = ", ".join(f"{k}: {saved.get(k)!r} -> {identity.get(k)!r}" for k in diff)
-                raise ConfigError(
-                    f"cannot resume {self.directory} with another config ({changes}); "
-                    "use the original settings or a new folder"
-                )
+            record[key] = now
         if jax.process_index() == 0:  # atomic: other processes may be reading it
+            path = os.path.join(self.directory, CONFIG_FILE)
             tmp = f"{path}.{os.getpid()}.tmp"
             with open(tmp, "w") as f:
-                json.dump(identity, f, indent=1, sort_keys=True)
+                json.dump(record, f, indent=1, sort_keys=True)
             os.replace(tmp, path)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state: Any, record: dict[str, Any]) -> None:
-        """Writes `state` (jax arrays) and a JSON `record`; waits until it is on disk."""
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)
-            ),
-        )
+    def save(self, step: int, state: Any, record: dict[str, Any], central: Any = None) -> None:
+        """Writes `state` (jax arrays), a JSON `record` and, when given, the central
+        model's `(params, model state)` (NumPy; what `read_central` returns); waits
+        until it is on disk."""
+        items = {"state": ocp.args.StandardSave(state), "record": ocp.args.JsonSave(record)}
+        if central is not None:
+            items["central"] = ocp.args.StandardSave(central)
+        self._manager.save(step, args=ocp.args.Composite(**items))
         self._manager.wait_until_finished()
 
     def restore(self, like: Any) -> tuple[Any, dict[str, Any]]:
@@ -93,3 +151,54 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _latest(manager, directory: str) -> int:
+    step = manager.latest_step()
+    if step is None:
+        raise ConfigError(f"{directory!r} holds no checkpoint; pass a run folder (checkpoint_dir)")
+    return step
+
+
+def _manager(directory: str) -> ocp.CheckpointManager:
+    folder = os.path.join(os.path.abspath(directory), "checkpoints")
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{directory!r} holds no checkpoint; pass a run folder (checkpoint_dir)")
+    return ocp.CheckpointManager(folder)
+
+
+def read_record(directory: str) -> dict[str, Any]:
+    """The JSON record of a run folder's latest checkpoint (step, history, run summary)."""
+    with _manager(directory) as manager:
+        step = _latest(manager, directory)
+        out = manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))
+    return dict(out["record"])
+
+
+def read_central(directory: str, like: Any = None) -> tuple[dict[str, Any], Any]:
+    """The latest checkpoint's JSON record and central model, without the training state.
+
+    Args:
+        directory: a run folder (`checkpoint_dir`).
+        like: the central model's `(params, model state)` to restore into
+            (arrays or shape structs); None: as saved (nested dicts and lists).
+
+    Raises:
+        ConfigError: no checkpoint in the folder, or one without a central model.
+    """
+    with _manager(directory) as manager:
+        step = _latest(manager, directory)
+        if "central" not in manager.item_metadata(step):
+            raise ConfigError(
+                f"the checkpoint of step {step} in {directory!r} has no central model (written "
+                "by an older crossbow_jax); resume the run to write one"
+            )
+        if like is not None:
+            like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), like)
+        out = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                central=ocp.args.StandardRestore(like), record=ocp.args.JsonRestore()
+            ),
+        )
+    return dict(out["record"]), out["central"]

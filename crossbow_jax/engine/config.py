@@ -12,11 +12,24 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
 import os
 from typing import Any
 
-import numpy as np
+from crossbow_jax.engine.options import (
+    GROUPS,
+    NON_NEGATIVE,
+    POSITIVE,
+    UNIT,
+    ConfigError,
+    Range,
+    check_value,
+    floats,
+    kind,
+    normalise,
+    option,
+)
+
+__all__ = ["ConfigError", "TrainConfig", "check_field", "kind", "make_config"]
 
 ALGORITHMS = ("sma", "ssgd")
 EXECUTIONS = ("auto", "vmap", "unroll")
@@ -25,69 +38,7 @@ DTYPES = ("float32", "bfloat16")
 TUNE_STRATEGIES = ("linear", "doubling")
 PLACEMENTS = ("auto", "device", "host")
 
-GROUPS = (
-    "learners and algorithm",
-    "learner optimiser (SGD) and schedule",
-    "SMA",
-    "execution",
-    "run folder",
-    "auto-tuning (docs/tuning.md)",
-)
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; raised before any training."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Range:
-    """The numbers a field accepts: above `low` (or at it, if `low_in`), below `high`."""
-
-    low: float
-    low_in: bool = False
-    high: float | None = None
-    high_in: bool = False
-
-    def __contains__(self, x: float) -> bool:
-        above = x >= self.low if self.low_in else x > self.low
-        below = self.high is None or (x <= self.high if self.high_in else x < self.high)
-        return above and below
-
-    def __str__(self) -> str:
-        if self.low == -math.inf:
-            return "a number"
-        if self.high is None:
-            return f"{'>=' if self.low_in else '>'} {self.low:g}"
-        left, right = "[" if self.low_in else "(", "]" if self.high_in else ")"
-        return f"in {left}{self.low:g}, {self.high:g}{right}"
-
-
-POSITIVE = Range(0)
-NON_NEGATIVE = Range(0, low_in=True)
-UNIT = Range(0, low_in=True, high=1)  # [0, 1)
-
-
-def option(default: Any, help: str, group: str, **rule: Any) -> Any:
-    """A `TrainConfig` field with its help, group and rule.
-
-    Args:
-        default: the field's default.
-        help: what the field means, one phrase; "(default: ...)" in it
-            replaces the generated one.
-        group: one of `GROUPS` (how `--help` groups the flags).
-        **rule: `choices` (a tuple of strings); `at_least` (an int field's
-            smallest value); `range` (a `Range` for a number); `none` (what
-            None means, for an optional field); `auto` (the string "auto" is
-            accepted too); `identity` (False: a resumed run may change it);
-            and for the shell only: `flags`, `metavar`, `cli_default`,
-            `cli_type` (a parser taking the flag's text).
-    """
-    if group not in GROUPS:
-        raise ValueError(f"group {group!r} is not one of {GROUPS}")
-    return dataclasses.field(default=default, metadata={"help": help, "group": group, **rule})
-
-
-_L, _O, _S, _E, _R, _T = GROUPS
+_L, _O, _S, _E, _R, _T, _M = GROUPS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,25 +67,28 @@ class TrainConfig:
     )
     learning_rate: float = option(
         0.05, "the learner optimiser's base learning rate (the default optimiser)", _O,
-        range=POSITIVE, flags=("--lr", "--learning-rate"), metavar="LR",
+        range=POSITIVE, flags=("--lr", "--learning-rate"), metavar="LR", default_optimizer=True,
     )  # fmt: skip
-    momentum: float = option(0.9, "learner SGD momentum", _O, range=UNIT, metavar="MU")
+    momentum: float = option(
+        0.9, "learner SGD momentum", _O, range=UNIT, metavar="MU", default_optimizer=True
+    )
     weight_decay: float = option(
         0.0, "learner weight decay", _O, range=NON_NEGATIVE,
-        flags=("--weight-decay", "--wd"), metavar="WD",
+        flags=("--weight-decay", "--wd"), metavar="WD", default_optimizer=True,
     )  # fmt: skip
     lr_milestones: tuple[float, ...] = option(
         (),
-        "epochs at which the learning rate is multiplied by lr_gamma (default: none)",
-        _O, metavar="EPOCH",
+        "epochs at which the learning rate is multiplied by lr_gamma (and, with "
+        "reset_at_drops, the learners reset onto the central model) (default: none)",
+        _O, metavar="EPOCH", default_optimizer=True,
     )  # fmt: skip
     lr_gamma: float = option(
         0.1, "the factor at each milestone", _O, range=Range(0, high=1, high_in=True),
-        metavar="GAMMA",
+        metavar="GAMMA", default_optimizer=True,
     )  # fmt: skip
     warmup_epochs: float = option(
         0.0, "linear warm-up of the learning rate from 0 over this many epochs", _O,
-        range=NON_NEGATIVE, metavar="EPOCHS",
+        range=NON_NEGATIVE, metavar="EPOCHS", default_optimizer=True,
     )  # fmt: skip
     reset_at_drops: bool = option(
         False, "SMA: move every learner onto the central model at each milestone", _O
@@ -197,7 +151,10 @@ class TrainConfig:
         _R, flags=("--output",), metavar="DIR", identity=False,
     )  # fmt: skip
     checkpoint_every: int = option(
-        0, "checkpoint every this many steps (0: only at the end); needs the run folder",
+        0,
+        "also checkpoint every this many steps (0: none by steps); needs the run folder, "
+        "where checkpoints are written at every epoch end, every checkpoint_minutes and at "
+        "the end anyway",
         _R, at_least=0, metavar="STEPS", identity=False,
     )  # fmt: skip
     resume: bool = option(
@@ -237,16 +194,29 @@ class TrainConfig:
         _T, at_least=1, metavar="MIB", cli_type="mebibytes", identity=False,
     )  # fmt: skip
 
+    checkpoint_minutes: float = option(
+        5.0, "with a run folder, also checkpoint whenever this many minutes have passed "
+        "since the last checkpoint (0: not by time)",
+        _R, range=NON_NEGATIVE, metavar="MIN", identity=False,
+    )  # fmt: skip
+    mode_keyword: str | None = option(
+        None,
+        "the keyword of a Linen model's __call__ that switches training and evaluation, "
+        "when it is not one of train, training, is_training, deterministic (those are "
+        "found); 'not NAME' for one that is True in evaluation (default: found)",
+        _M, metavar="NAME",
+    )  # fmt: skip
+
     def __post_init__(self):
         for f in dataclasses.fields(self):  # NumPy scalars, 0/1 flags, paths: plain values
-            object.__setattr__(self, f.name, _plain(f, getattr(self, f.name)))
-        object.__setattr__(self, "lr_milestones", _floats("lr_milestones", self.lr_milestones))
+            object.__setattr__(self, f.name, normalise(f, getattr(self, f.name)))
+        object.__setattr__(self, "lr_milestones", floats("lr_milestones", self.lr_milestones))
         self.validate()
 
     def validate(self) -> None:
         """Raises `ConfigError` with a one-line message for any bad value."""
         for f in dataclasses.fields(self):
-            check_field(f.name, getattr(self, f.name))
+            check_value(f, getattr(self, f.name))
         if any(b <= a for a, b in zip(self.lr_milestones, self.lr_milestones[1:])):
             raise ConfigError(f"lr_milestones={self.lr_milestones} must increase")
         if any(not 0 < e < self.epochs for e in self.lr_milestones):
@@ -255,6 +225,11 @@ class TrainConfig:
             raise ConfigError(f"warmup_epochs={self.warmup_epochs} must be in [0, epochs)")
         if self.resume and not self.checkpoint_dir:
             raise ConfigError("resume=True needs checkpoint_dir (the folder of the run to resume)")
+        if self.checkpoint_every and not self.checkpoint_dir:
+            raise ConfigError(
+                f"checkpoint_every={self.checkpoint_every} needs checkpoint_dir (where "
+                "checkpoints go); set checkpoint_dir or leave checkpoint_every at 0"
+            )
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -295,39 +270,32 @@ def make_config(**values: Any) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def kind(field: dataclasses.Field) -> str:
-    """A field's kind, from its annotation: "int", "float", "str", "bool" or "tuple"."""
-    first = str(field.type).split(" | ")[0]
-    return "tuple" if first.startswith("tuple") else first
-
-
 def check_field(name: str, value: Any) -> None:
     """Checks one `TrainConfig` field's value against its rule; raises `ConfigError`."""
-    field = _FIELDS_BY_NAME[name]
-    rule, what = field.metadata, kind(field)
-    if value is None and "None" in str(field.type):
+    check_value(_FIELDS_BY_NAME[name], value)
+
+
+def refuse_ignored_options(optimizer: Any, options: dict[str, Any]) -> None:
+    """With a learner `optimizer`, the default optimiser's settings would be ignored: refuse them.
+
+    Args:
+        optimizer: the `optimizer=` argument (None: the default optimiser is used).
+        options: the settings the caller passed explicitly.
+
+    Raises:
+        ConfigError: naming every such setting (`lr_milestones` stays allowed with
+            `reset_at_drops=True`, where it marks the resets).
+    """
+    if optimizer is None:
         return
-    if rule.get("auto") and value == "auto":
-        return
-    if "choices" in rule:
-        if value not in rule["choices"]:
-            raise ConfigError(f"{name}={value!r} is not one of {', '.join(rule['choices'])}")
-    elif what == "int":
-        low = rule.get("at_least")
-        if not _is_int(value) or (low is not None and value < low):
-            bound = "" if low is None else f" >= {low}"
-            extra = ' or "auto"' if rule.get("auto") else ""
-            raise ConfigError(f"{name}={value!r} must be an int{bound}{extra}")
-    elif what == "float":
-        numbers = rule.get("range", Range(-math.inf))
-        if not _is_number(value) or value not in numbers:
-            prefix = "" if _is_number(value) or "range" not in rule else "a number "
-            extra = f" (or None for {rule['none']})" if "none" in rule else ""
-            raise ConfigError(f"{name}={value!r} must be {prefix}{numbers}{extra}")
-    elif what == "bool" and not isinstance(value, bool):
-        raise ConfigError(f"{name}={value!r} must be True or False")
-    elif what == "str" and not isinstance(value, str):
-        raise ConfigError(f"{name}={value!r} must be a string")
+    ignored = [f.name for f in FIELDS if f.metadata.get("default_optimizer") and f.name in options]
+    if options.get("reset_at_drops") and "lr_milestones" in ignored:
+        ignored.remove("lr_milestones")
+    if ignored:
+        raise ConfigError(
+            f"optimizer= is given, so {', '.join(ignored)} (settings of the default SGD "
+            "optimiser) would be ignored; put them in your optimizer, or leave optimizer out"
+        )
 
 
 def check_writable(folder: str) -> None:
@@ -342,32 +310,6 @@ def check_writable(folder: str) -> None:
         raise ConfigError(
             f"cannot write to {folder!r} ({e.strerror}); pick a folder you can write"
         ) from None
-
-
-def _plain(field: dataclasses.Field, value: Any) -> Any:
-    """NumPy scalars as Python ones, 0/1 as a flag's bool, a path as a string."""
-    if isinstance(value, np.generic):
-        value = value.item()
-    if kind(field) == "bool" and _is_int(value) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    return value
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _floats(name: str, values: Any) -> tuple[float, ...]:
-    try:
-        return tuple(float(e) for e in values)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}={values!r} must be a sequence of numbers (epochs)") from None
 
 
 def _docstring() -> str:

@@ -6,12 +6,13 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import numpy as np
 
+from crossbow_jax import models
 from crossbow_jax.data.preprocess import AUGMENTATIONS, Preprocess, for_arrays, pixels
 from crossbow_jax.engine.config import ConfigError, TrainConfig
 from crossbow_jax.engine.mapping import make_mesh, select_devices
+from crossbow_jax.models.adapters import Model, ModelError, as_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,10 +24,11 @@ class Arrays:
     train_y: np.ndarray | None
     test_x: np.ndarray | None
     test_y: np.ndarray | None
-    num_classes: int
+    num_classes: int | None  # of integer labels: the largest + 1; None for other labels
     preprocess: Preprocess
     num_train: int = 0
     example: np.ndarray | None = None  # one stored example, shape (1, ...)
+    label_example: np.ndarray | None = None  # one label, shape (1, ...)
     stream: Callable[[int, int], Any] | None = None  # (images per step, seed) -> Source
     test_stream: Callable[[int], Any] | None = None  # batch size -> Source of the test split
 
@@ -34,6 +36,9 @@ class Arrays:
         if self.train_x is not None:
             object.__setattr__(self, "num_train", len(self.train_x))
             object.__setattr__(self, "example", self.train_x[:1])
+            object.__setattr__(self, "label_example", self.train_y[:1])
+        elif self.label_example is None:  # streamed: integer class labels
+            object.__setattr__(self, "label_example", np.zeros((1,), np.int32))
 
     @property
     def has_test(self) -> bool:
@@ -41,27 +46,38 @@ class Arrays:
 
 
 def _pair(value: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """User arrays as the engine keeps them: inputs (N, ...) and labels (N, ...)."""
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise ConfigError(
-            f"{what} must be a dataset name or a pair (images, labels), got {type(value).__name__}"
+            f"{what} must be a dataset name or a pair (inputs, labels), got {type(value).__name__}"
         )
     x, y = (np.asarray(v) for v in value)
-    if x.ndim == 3:  # (N, H, W): one channel
+    if x.ndim == 3:  # (N, H, W): images with one channel
         x = x[..., None]
-    if x.ndim not in (2, 4):
+    if x.ndim < 2:
         raise ConfigError(
-            f"{what} images have shape {x.shape}; use (N, H, W, C) images or (N, features)"
+            f"{what} inputs have shape {x.shape}; use (N, H, W, C) images, (N, features) "
+            "or any (N, ...) array"
         )
-    if y.ndim != 1 or len(y) != len(x):
+    if y.ndim < 1 or len(y) != len(x):
         raise ConfigError(
             f"{what} labels have shape {y.shape} for {len(x)} examples; "
-            "pass one integer label per example"
+            "pass one label (or label array) per example"
         )
-    if not np.issubdtype(y.dtype, np.integer):
-        raise ConfigError(f"{what} labels have dtype {y.dtype}; pass integer class labels")
     if len(x) == 0:
         raise ConfigError(f"{what} set is empty")
-    return x, y.astype(np.int32)
+    return _as_engine_dtype(x, what, "inputs"), _as_engine_dtype(y, what, "labels")
+
+
+def _as_engine_dtype(a: np.ndarray, what: str, part: str) -> np.ndarray:
+    """uint8 stays uint8 (pixels); other integers become int32, floats and bools float32."""
+    if a.dtype == np.uint8 and part == "inputs":
+        return a
+    if np.issubdtype(a.dtype, np.integer):
+        return a.astype(np.int32)
+    if np.issubdtype(a.dtype, np.floating) or a.dtype == bool:
+        return a.astype(np.float32)
+    raise ConfigError(f"{what} {part} have dtype {a.dtype}; pass numbers")
 
 
 def resolve_data(
@@ -103,19 +119,15 @@ def resolve_data(
                 f"test examples have shape {tx.shape[1:]} but train examples "
                 f"have {x.shape[1:]}; both sets need the same shape"
             )
-    num_classes = int(max(y.max(), ty.max() if ty is not None else 0)) + 1
-    if y.min() < 0 or (ty is not None and ty.min() < 0):
-        raise ConfigError("labels must be >= 0 (class indices)")
+    num_classes = None  # of integer labels: the largest + 1 (for the named models)
+    if np.issubdtype(y.dtype, np.integer):
+        num_classes = int(max(y.max(), ty.max() if ty is not None else 0)) + 1
     if augment is not None and augment not in AUGMENTATIONS:
         choices = ", ".join(repr(a) for a in (None, *AUGMENTATIONS))
         raise ConfigError(f"augment={augment!r} is not one of {choices}")
     if augment and x.ndim != 4:
         raise ConfigError("augment='crop_flip' needs (N, H, W, C) images")
-    pre = for_arrays(x, augment)
-    if x.dtype != np.uint8:
-        x = x.astype(np.float32)
-        tx = None if tx is None else tx.astype(np.float32)
-    return Arrays("arrays", x, y, tx, ty, num_classes, pre)
+    return Arrays("arrays", x, y, tx, ty, num_classes, for_arrays(x, augment))
 
 
 def _streamed(name: str, data_dir: str | None) -> Arrays:
@@ -150,23 +162,39 @@ def _streamed(name: str, data_dir: str | None) -> Arrays:
     )
 
 
-def resolve_model(model: Any, num_classes: int, dtype: str) -> nn.Module:
-    """A Flax Linen module, or a model name known to `crossbow_jax.models`."""
-    if isinstance(model, str):
-        from crossbow_jax import models
+def resolve_model(
+    model: Any, num_classes: int | None, dtype: str, mode_keyword: str | None = None
+) -> Model:
+    """The adapter of a model name, a Linen or NNX module, or `(apply_fn, params)`.
 
-        return models.get_model(model, num_classes=num_classes, dtype=dtype)
-    if isinstance(model, nn.Module):
-        return model
-    raise ConfigError(
-        f"model must be a flax.linen.Module or a model name, got {type(model).__name__}"
-    )
+    Raises:
+        ConfigError: another kind of model, a mode keyword it does not take, or
+            a `dtype` other than float32 for a model that is not a name (set
+            your own model's dtype in the model).
+    """
+    if isinstance(model, str):
+        if num_classes is None:
+            raise ConfigError(
+                f"model {model!r} is a classifier but the labels are not class indices; "
+                "pass integer labels, or a model of your own with loss_fn="
+            )
+        module = models.get_model(model, num_classes=num_classes, dtype=dtype)
+        return dataclasses.replace(as_model(module), registry=model)
+    if dtype != "float32":
+        raise ConfigError(
+            f"dtype={dtype!r} applies to the named models; set the dtype inside your own "
+            f"model (a {type(model).__name__}) and leave dtype at float32"
+        )
+    try:
+        return as_model(model, mode_keyword=mode_keyword)
+    except ModelError as e:
+        raise ConfigError(str(e)) from None
 
 
 class Resolved(NamedTuple):
     """What the user passed, resolved: the module, the checked data, the device mesh."""
 
-    model: nn.Module
+    model: Model
     data: Arrays
     mesh: Any
 
@@ -188,4 +216,5 @@ def resolve(
     """
     data = resolve_data(train, test, data_dir=data_dir, augment=augment)
     mesh = make_mesh(select_devices(config.num_devices))
-    return Resolved(resolve_model(model, data.num_classes, config.dtype), data, mesh)
+    module = resolve_model(model, data.num_classes, config.dtype, config.mode_keyword)
+    return Resolved(module, data, mesh)

@@ -13,24 +13,31 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import jax
+
 from crossbow_jax.engine import mapping
 from crossbow_jax.engine.checkpoint import Checkpointer
+from crossbow_jax.engine.checks import check_run
 from crossbow_jax.engine.config import TrainConfig
+from crossbow_jax.engine.history import History
 from crossbow_jax.engine.inputs import Arrays
 from crossbow_jax.engine.placement import TestData
 from crossbow_jax.engine.plan import plan_chunks
 from crossbow_jax.engine.programs import prepare
-from crossbow_jax.engine.record import History, TrainResult
+from crossbow_jax.engine.result import TrainResult, run_summary
+from crossbow_jax.engine.task import Task
+from crossbow_jax.models.adapters import Model
 
 
 def fit(
     config: TrainConfig,
-    model,
+    model: Model,
     optimizer,
     data: Arrays,
     mesh,
     learners_per_device: int,
     *,
+    task: Task | None = None,
     checkpointer: Checkpointer | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
     tuning: dict[str, Any] | None = None,
@@ -40,16 +47,18 @@ def fit(
 
     Args:
         config: the run's config.
-        model: the resolved Flax module.
+        model: the resolved model (`crossbow_jax.engine.inputs.resolve`).
         optimizer: the learner optimiser, or None for the config's default.
-        data: the resolved data (`crossbow_jax.engine.inputs.resolve_data`).
+        data: the resolved data (`crossbow_jax.engine.inputs.resolve`).
         mesh: the device mesh.
         learners_per_device: m (an int: the tuner, if any, has chosen it).
+        task: the loss and figures from `checks.check_run` (None: checked here,
+            with the default loss).
         checkpointer: the run folder's `Checkpointer` (None: one is opened
             on `config.checkpoint_dir` when that is set, and closed at the
             end); with `config.resume` the run continues from its latest
             checkpoint.
-        callback: called with every history row as it is logged.
+        callback: called once with every history row.
         tuning: the tuner's report, kept in the result.
         started: `time.perf_counter()` when the run started (default: now).
 
@@ -57,31 +66,29 @@ def fit(
         A `TrainResult`.
     """
     started = time.perf_counter() if started is None else started
+    task = task or check_run(config, model, optimizer, data)
     if checkpointer is None and config.checkpoint_dir:
         with Checkpointer(config.checkpoint_dir, config) as opened:
             return fit(
-                config,
-                model,
-                optimizer,
-                data,
-                mesh,
-                learners_per_device,
-                checkpointer=opened,
-                callback=callback,
-                tuning=tuning,
-                started=started,
-            )
-    setup = prepare(config, model, optimizer, data, mesh, learners_per_device)
+                config, model, optimizer, data, mesh, learners_per_device, task=task,
+                checkpointer=opened, callback=callback, tuning=tuning, started=started,
+            )  # fmt: skip
+    setup = prepare(config, model, optimizer, data, mesh, learners_per_device, task)
     test = TestData(data, mesh) if data.has_test else None
     state = setup.compiler.init_state(config.seed, data.example)
     start, rows, before = 0, [], 0.0
-    if checkpointer and config.resume and checkpointer.latest_step() is not None:
-        state, saved = checkpointer.restore(state)
-        start, rows, before = saved["step"], list(saved["history"]), saved["elapsed"]
+    if checkpointer:
+        per_learner = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape[2:], p.dtype),
+                                   state.params)  # fmt: skip
+        checkpointer.check_and_record(model=per_learner, optimizer=state.opt_state)
+        if config.resume and checkpointer.latest_step() is not None:
+            state, saved = checkpointer.restore(state)
+            start, rows, before = saved["step"], list(saved["history"]), saved["elapsed"]
     total = max(1, math.ceil(config.epochs * setup.steps_per_epoch))
     plan = plan_chunks(start, total, setup.steps_per_epoch, config, setup.steps_per_dispatch)
     lengths = sorted({chunk.length for chunk in plan})
-    dispatch = {n: setup.compiler.train_program(state, setup.train_data, n, setup.unroll) for n in lengths}
+    compile_train = setup.compiler.train_program
+    dispatch = {n: compile_train(state, setup.train_data, n, setup.unroll) for n in lengths}
     evaluate = setup.compiler.eval_program(state, test) if test is not None else None
     history = History(
         config,
@@ -95,52 +102,68 @@ def fit(
         callback=callback,
         checkpoint_dir=checkpointer.directory if checkpointer else None,
     )
+
+    def result(central) -> TrainResult:
+        return TrainResult(
+            params=model.variables(*central),
+            accuracy=history.last_accuracy,
+            history=history.rows,
+            time_to_accuracy=history.time_to_accuracy,
+            images_per_second=history.images_per_second(),
+            wall_time=history.elapsed(),
+            compile_time=setup.compiler.seconds,
+            steps=history.step,
+            learners_per_device=learners_per_device,
+            devices=mesh.size,
+            config=config,
+            tuning=tuning,
+            test_loss=history.last_loss,
+            preprocess=data.preprocess,
+            model=model,
+            central=central,
+        )
+
+    every = config.checkpoint_minutes * 60 if checkpointer else 0.0
     try:
-        pending, epoch = None, None
+        pending, epoch, saved_at = None, None, time.monotonic()
         history.restart_clock()
         for chunk in plan:
             if chunk.epoch != epoch:
                 epoch = chunk.epoch
                 setup.train_data.start_epoch(epoch, [c for c in plan if c.epoch == epoch])
             state, metrics = dispatch[chunk.length](state, *setup.train_data.args(chunk))
-            if pending:
-                history.add_dispatch(*pending)  # the previous dispatch, one late
-            pending = (chunk, metrics)
-            if not (chunk.evaluate or chunk.checkpoint or chunk is plan[-1]):
+            current = history.dispatched(chunk, metrics)
+            due = bool(every) and time.monotonic() - saved_at >= every  # a timed checkpoint
+            if not (chunk.evaluate or chunk.checkpoint or due or chunk is plan[-1]):
+                if pending:
+                    history.add_dispatches([pending])  # the previous dispatch, one late
+                pending = current
                 continue
-            history.add_dispatch(*pending)
+            evaluate_now = chunk.evaluate and test is not None
+            done = [pending, current] if pending else [current]
+            history.add_dispatches(done, evaluation_follows=evaluate_now)
             pending = None
             reached = False
-            if chunk.evaluate and test is not None:
-                reached = history.add_evaluation(*evaluate_central(evaluate, state, test))
-            if checkpointer and (chunk.checkpoint or reached):
-                saved = {"step": chunk.end, "history": history.rows, "elapsed": history.elapsed()}
-                checkpointer.save(chunk.end, state, saved)
+            if evaluate_now:
+                reached = history.add_evaluation(evaluate_central(evaluate, state, test))
+            if checkpointer and (chunk.checkpoint or due or reached):
+                central = setup.compiler.central_variables(state)
+                record = {"step": chunk.end, "history": history.rows, "elapsed": history.elapsed(),
+                          "run": run_summary(result(central), data)}  # fmt: skip
+                checkpointer.save(chunk.end, state, record, central)
+                saved_at = time.monotonic()
             if reached:
                 break
             history.restart_clock()
     finally:
         history.close()
         setup.train_data.close()
-    return TrainResult(
-        params=setup.compiler.central_variables(state),
-        accuracy=history.last_accuracy,
-        history=history.rows,
-        time_to_accuracy=history.time_to_accuracy,
-        images_per_second=history.images_per_second(),
-        wall_time=history.elapsed(),
-        compile_time=setup.compiler.seconds,
-        steps=history.step,
-        learners_per_device=learners_per_device,
-        devices=mesh.size,
-        config=config,
-        tuning=tuning,
-    )
+    return result(setup.compiler.central_variables(state))
 
 
-def evaluate_central(program, state, test: TestData) -> tuple[float, float]:
-    """The central model's test accuracy and mean loss, over every test batch."""
+def evaluate_central(program, state, test: TestData) -> dict[str, float]:
+    """The central model's test figures (mean loss, accuracy, ...) over every test batch."""
     parts = [mapping.first_device(program(state, *batch)) for batch in test.batches()]
-    totals = {k: sum(p[k] for p in parts) for k in parts[0]}
-    count = max(int(totals["count"]), 1)
-    return int(totals["correct"]) / count, float(totals["loss_sum"]) / count
+    totals = {k: sum(float(p[k]) for p in parts) for k in parts[0]}
+    count = max(totals.pop("count"), 1)
+    return {k: v / count for k, v in totals.items()}

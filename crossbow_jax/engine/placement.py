@@ -20,8 +20,8 @@ from crossbow_jax.engine import mapping
 from crossbow_jax.engine.config import ConfigError, TrainConfig
 from crossbow_jax.engine.feed import ArraySource, Feeder
 from crossbow_jax.engine.inputs import Arrays
-from crossbow_jax.engine.plan import Chunk, Layout
 from crossbow_jax.engine.optimizers import milestone_steps
+from crossbow_jax.engine.plan import Chunk, Layout
 
 EVAL_CHUNK = 500
 
@@ -56,7 +56,7 @@ class TrainData:
 
     def __init__(self, config: TrainConfig, data: Arrays, layout: Layout, mesh, steps_per_epoch):
         self.seed, self.layout, self.mesh = config.seed, layout, mesh
-        self.example = data.example
+        self.example, self.label_example = data.example, data.label_example
         self.num_train = data.num_train
         self.placement = resolve_placement(config, data, mesh)
         if self.placement == "device":
@@ -110,7 +110,8 @@ class TrainData:
         lead = (lay.devices, length, lay.learners, lay.batch)
         sharding = mapping.device_sharding(self.mesh)
         xs = jax.ShapeDtypeStruct(lead + example.shape[1:], example.dtype, sharding=sharding)
-        ys = jax.ShapeDtypeStruct(lead, np.int32, sharding=sharding)
+        label = self.label_example
+        ys = jax.ShapeDtypeStruct(lead + label.shape[1:], label.dtype, sharding=sharding)
         return xs, ys, self.resets, self.key
 
     def close(self) -> None:
@@ -128,9 +129,9 @@ def shard_test_set(x: np.ndarray, y: np.ndarray, devices: int, chunk: int | None
     mask = np.arange(total) < len(x)
     pad = total - len(x)
     x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
-    y = np.concatenate([y, np.zeros(pad, y.dtype)])
+    y = np.concatenate([y, np.zeros((pad,) + y.shape[1:], y.dtype)])
     shape = (devices, chunks, chunk)
-    return x.reshape(shape + x.shape[1:]), y.reshape(shape), mask.reshape(shape)
+    return x.reshape(shape + x.shape[1:]), y.reshape(shape + y.shape[1:]), mask.reshape(shape)
 
 
 class TestData:

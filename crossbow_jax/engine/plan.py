@@ -75,7 +75,9 @@ def plan_chunks(
     """Chunks from `start` to `total`, cut at epoch ends, evaluations and checkpoints.
 
     z is evaluated at every epoch end, every `eval_every` steps and at the end;
-    checkpoints (when a folder is set) every `checkpoint_every` steps and at the end.
+    checkpoints (when a folder is set) at every epoch end, every
+    `checkpoint_every` steps and at the end (the loop adds timed ones,
+    every `checkpoint_minutes`).
     """
     chunks = []
     step = start
@@ -91,7 +93,9 @@ def plan_chunks(
             last or end == epoch_end or bool(config.eval_every and end % config.eval_every == 0)
         )
         checkpoint = bool(config.checkpoint_dir) and (
-            last or bool(config.checkpoint_every and end % config.checkpoint_every == 0)
+            last
+            or end == epoch_end
+            or bool(config.checkpoint_every and end % config.checkpoint_every == 0)
         )
         chunks.append(
             Chunk(step, end - step, epoch, step - epoch * steps_per_epoch, evaluate, checkpoint)

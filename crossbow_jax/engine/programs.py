@@ -20,9 +20,11 @@ import numpy as np
 from crossbow_jax.engine import mapping, step
 from crossbow_jax.engine.config import TrainConfig
 from crossbow_jax.engine.inputs import Arrays
+from crossbow_jax.engine.optimizers import learner_transform
 from crossbow_jax.engine.placement import TestData, TrainData
 from crossbow_jax.engine.plan import Layout, epoch_steps, layout_for
-from crossbow_jax.engine.optimizers import learner_transform
+from crossbow_jax.engine.task import Task
+from crossbow_jax.models.adapters import Model
 
 
 def resolve_execution(execution: str, mesh) -> str:
@@ -80,11 +82,12 @@ class Compiler:
         spec, lay = self.spec, self.spec.layout
         key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
         sample = spec.preprocess(example, None)
-        kwargs = {"train": False} if spec.train_flag else {}
-        init = jax.jit(lambda k, x: spec.model.init({"params": k, "dropout": k}, x, **kwargs))
-        variables = self._compile(init, key, sample)(key, sample)
-        params = jax.tree.map(np.asarray, variables["params"])
-        stats = jax.tree.map(np.asarray, variables.get("batch_stats", {}))
+        if spec.model.given:  # an NNX module or (apply_fn, params): its own parameters
+            variables = spec.model.init(key, sample)
+        else:
+            init = jax.jit(spec.model.init)
+            variables = self._compile(init, key, sample)(key, sample)
+        params, stats = jax.tree.map(np.asarray, variables)
         stacked = jax.tree.map(
             lambda p: np.broadcast_to(p, (lay.devices, lay.learners) + p.shape), params
         )
@@ -113,8 +116,9 @@ class Compiler:
         fn = functools.partial(step.eval_step, self.spec)
         return self._compile(self._map(fn), state, *test.batches(limit=1)[0])
 
-    def central_variables(self, state: step.TrainState) -> dict[str, Any]:
-        """The central model's variables, as NumPy (not timed: it runs once per run)."""
+    def central_variables(self, state: step.TrainState) -> tuple[Any, Any]:
+        """The central model's parameters and model state, as NumPy (not timed: it runs
+        once per run)."""
         fn = self._map(functools.partial(step.central_variables, self.spec))
         return mapping.first_device(fn(state))
 
@@ -131,17 +135,25 @@ class Setup(NamedTuple):
 
 
 def prepare(
-    config: TrainConfig, model, optimizer, data: Arrays, mesh, learners_per_device: int
+    config: TrainConfig,
+    model: Model,
+    optimizer,
+    data: Arrays,
+    mesh,
+    learners_per_device: int,
+    task: Task | None = None,
 ) -> Setup:
     """Lays out `learners_per_device` learners, places the training data, readies the compiler.
 
     Args:
         config: the run's config (`learners_per_device` in it is not read).
-        model: the resolved Flax module.
+        model: the resolved model (`crossbow_jax.engine.inputs.resolve_model`).
         optimizer: the learner optimiser, or None for the config's default.
         data: the resolved data (only the training split is placed).
         mesh: the device mesh.
         learners_per_device: m.
+        task: the loss and figures (`crossbow_jax.engine.checks.check_run`);
+            None: softmax cross-entropy and accuracy.
 
     Raises:
         ConfigError: not even one step fits in the training set (before any work).
@@ -155,6 +167,7 @@ def prepare(
         data.preprocess,
         resolve_execution(config.execution, mesh),
         config.algorithm,
+        task or Task(),
     )
     compiler = Compiler(spec, mesh, config.mapper)
     train_data = TrainData(config, data, layout, mesh, per_epoch)

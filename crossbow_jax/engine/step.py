@@ -11,18 +11,17 @@ batches by index: nothing crosses the host per step.
 The path of one step (`train_step`): the stored pixels of the learners'
 batches -> `Preprocess` (cast, scale, normalise, augment) -> every learner's
 forward and backward pass (`learner_grads`, vmapped or unrolled over the
-learners) -> `spec.tx.update` (`sma` or `ssgd` around the learner optimiser:
-one all-reduce over the devices) -> new parameters and metrics.
+learners; the loss and figures of `spec.task`) -> `spec.tx.update` (`sma` or
+`ssgd` around the learner optimiser: one all-reduce over the devices) -> new
+parameters and metrics.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -31,6 +30,8 @@ from jax import lax
 from crossbow_jax.data.preprocess import Preprocess
 from crossbow_jax.engine.mapping import DEVICE_AXIS
 from crossbow_jax.engine.plan import Layout
+from crossbow_jax.engine.task import Task
+from crossbow_jax.models.adapters import Model
 from crossbow_jax.transformation import sma_average
 
 
@@ -38,7 +39,7 @@ class TrainState(NamedTuple):
     """One device's training state (globally: a leading device axis on each leaf)."""
 
     params: Any  # (m, ...) learners
-    batch_stats: Any  # BatchNorm running statistics, once per device ({} if none)
+    batch_stats: Any  # the model's state (BatchNorm statistics), once per device ({} if none)
     opt_state: Any  # the sma/ssgd state
     step: jax.Array  # global step count, int32
 
@@ -48,27 +49,24 @@ class StepSpec:
     """What a step is, fixed for a run (static under `jit`).
 
     Attributes:
-        model: the Flax Linen module of one learner.
+        model: one learner's model (`crossbow_jax/models/adapters.py`).
         tx: `sma` or `ssgd` around the learner optimiser, over `axis`.
         layout: devices x learners x batch of one step.
         preprocess: stored pixels -> model input (`crossbow_jax/data/preprocess.py`).
         execution: "vmap" or "unroll": how the learners' forward/backward run.
         algorithm: "sma" or "ssgd": decides where the central model is read.
+        task: the loss and the figures reported (`crossbow_jax/engine/task.py`).
         axis: the device axis name.
     """
 
-    model: nn.Module
+    model: Model
     tx: optax.GradientTransformation
     layout: Layout
     preprocess: Preprocess
     execution: str
     algorithm: str
+    task: Task = Task()
     axis: str = DEVICE_AXIS
-
-    @property
-    def train_flag(self) -> bool:
-        """Whether the module's `__call__` takes a `train` argument."""
-        return "train" in inspect.signature(type(self.model).__call__).parameters
 
 
 def batch_indices(perm: jax.Array, step_in_epoch, device, layout: Layout) -> jax.Array:
@@ -87,31 +85,24 @@ def batch_indices(perm: jax.Array, step_in_epoch, device, layout: Layout) -> jax
     return lax.dynamic_slice(perm, (offset,), (per_device,)).reshape(layout.learners, layout.batch)
 
 
-def apply_model(spec: StepSpec, params, batch_stats, x, train: bool, key=None):
-    """One learner's logits (float32) and its updated BatchNorm statistics."""
-    variables = {"params": params}
-    if batch_stats:
-        variables["batch_stats"] = batch_stats
-    kwargs = {"train": train} if spec.train_flag else {}
-    if train:
-        rngs = {"dropout": key} if key is not None else {}
-        logits, mutated = spec.model.apply(
-            variables, x, mutable=["batch_stats"], rngs=rngs, **kwargs
-        )
-        return logits.astype(jnp.float32), mutated.get("batch_stats", {})
-    return spec.model.apply(variables, x, **kwargs).astype(jnp.float32), batch_stats
+def apply_model(spec: StepSpec, params, state, x, train: bool, key=None):
+    """One learner's outputs (floats as float32) and its updated model state."""
+    outputs, state = spec.model.apply(params, state, x, train=train, key=key)
+    if jnp.issubdtype(outputs.dtype, jnp.floating):
+        outputs = outputs.astype(jnp.float32)
+    return outputs, state
 
 
-def learner_grads(spec: StepSpec, params, batch_stats, x, y, key):
-    """One learner: gradient, loss, accuracy and updated BatchNorm statistics."""
+def learner_grads(spec: StepSpec, params, state, x, y, key):
+    """One learner: gradient, its figures (mean loss, accuracy, ...) and updated model state."""
 
     def loss_fn(p):
-        logits, stats = apply_model(spec, p, batch_stats, x, True, key)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        return loss, (jnp.mean(jnp.argmax(logits, -1) == y), stats)
+        outputs, new_state = apply_model(spec, p, state, x, True, key)
+        figures = {k: jnp.mean(v) for k, v in spec.task.figures(outputs, y).items()}
+        return figures["loss"], (figures, new_state)
 
-    (loss, (acc, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return grads, loss, acc, stats
+    (_, (figures, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return grads, figures, new_state
 
 
 def all_learner_grads(spec: StepSpec, params, batch_stats, x, y, keys):
@@ -131,21 +122,29 @@ def train_step(spec: StepSpec, state: TrainState, raw_x, y, reset_steps, key, de
     """One SMA/SSGD step of this device's learners on stored pixels `raw_x` (m, b, ...).
 
     Returns:
-        (new state, {"loss", "accuracy"} averaged over all learners on all devices).
+        (new state, the task's figures ({"loss", "accuracy", ...}) averaged over
+        all learners on all devices).
     """
     step_key = jax.random.fold_in(jax.random.fold_in(key, state.step), device)
     aug_key, drop_key = jax.random.split(step_key)
     x = spec.preprocess(raw_x, aug_key)
     keys = jax.random.split(drop_key, spec.layout.learners)
-    grads, loss, acc, stats = all_learner_grads(spec, state.params, state.batch_stats, x, y, keys)
+    grads, figures, stats = all_learner_grads(spec, state.params, state.batch_stats, x, y, keys)
     extra = {}
     if reset_steps.shape[0]:
         extra["reset_learners"] = jnp.any(reset_steps == state.step)
     updates, opt_state = spec.tx.update(grads, state.opt_state, state.params, **extra)
     params = optax.apply_updates(state.params, updates)
-    batch_stats = jax.tree.map(lambda s: jnp.mean(s, 0), stats)
-    metrics = lax.pmean({"loss": jnp.mean(loss), "accuracy": jnp.mean(acc)}, spec.axis)
+    batch_stats = jax.tree.map(_learners_mean, stats)
+    metrics = lax.pmean({k: jnp.mean(v) for k, v in figures.items()}, spec.axis)
     return TrainState(params, batch_stats, opt_state, state.step + 1), metrics
+
+
+def _learners_mean(values):
+    """A state array's mean over the learners (floats); integer state takes learner 0's."""
+    if jnp.issubdtype(values.dtype, jnp.floating):
+        return jnp.mean(values, 0)
+    return values[0]
 
 
 def _scan(step, state, xs, unroll: bool):
@@ -182,8 +181,8 @@ def train_steps(
             loop (faster on XLA:CPU, see `TrainConfig.unroll_steps`).
 
     Returns:
-        (new state, metrics {"loss", "accuracy"} of shape (length,)),
-        each averaged over all learners on all devices.
+        (new state, the task's figures, each of shape (length,) and averaged
+        over all learners on all devices).
     """
     device = lax.axis_index(spec.axis)
 
@@ -211,36 +210,39 @@ def central_params(spec: StepSpec, state: TrainState):
     return jax.tree.map(lambda p: p[0], state.params)
 
 
-def central_variables(spec: StepSpec, state: TrainState) -> dict[str, Any]:
-    """The central model's variables: its parameters and the devices' mean BatchNorm statistics."""
-    out = {"params": central_params(spec, state)}
-    if state.batch_stats:
-        out["batch_stats"] = lax.pmean(state.batch_stats, spec.axis)
-    return out
+def central_variables(spec: StepSpec, state: TrainState) -> tuple[Any, Any]:
+    """The central model: its parameters, and the devices' mean model state."""
+    return central_params(spec, state), jax.tree.map(_devices_mean(spec.axis), state.batch_stats)
+
+
+def _devices_mean(axis):
+    def mean(values):
+        if jnp.issubdtype(values.dtype, jnp.floating):
+            return lax.pmean(values, axis)
+        return values
+
+    return mean
 
 
 def eval_step(spec: StepSpec, state: TrainState, images, labels, mask):
-    """Correct predictions and summed loss of z on this device's test shard.
+    """The task's figures of z on this device's test shard, summed over its examples.
 
     Args:
         images, labels, mask: (chunks, chunk, ...) test data; mask marks
             real rows (the last chunk may be padded).
 
     Returns:
-        {"correct", "loss_sum", "count"} summed over all devices.
+        {figure: sum over the examples, ..., "count": examples} summed over all devices.
     """
-    params = central_params(spec, state)
-    batch_stats = lax.pmean(state.batch_stats, spec.axis)
+    params, model_state = central_variables(spec, state)
 
     def chunk(inputs):
         x, y, m = inputs
-        logits, _ = apply_model(spec, params, batch_stats, spec.preprocess(x, None), False)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-        return {
-            "correct": jnp.sum((jnp.argmax(logits, -1) == y) & m),
-            "loss_sum": jnp.sum(jnp.where(m, loss, 0.0)),
-            "count": jnp.sum(m),
+        outputs, _ = apply_model(spec, params, model_state, spec.preprocess(x, None), False)
+        sums = {
+            k: jnp.sum(jnp.where(m, v, 0.0)) for k, v in spec.task.figures(outputs, y).items()
         }
+        return {**sums, "count": jnp.sum(m)}
 
     totals = jax.tree.map(lambda v: jnp.sum(v, 0), lax.map(chunk, (images, labels, mask)))
     return lax.psum(totals, spec.axis)

@@ -97,7 +97,61 @@ def as_extra_args(optimizer: Any) -> optax.GradientTransformationExtraArgs:
             f"learner_optimizer must be an optax GradientTransformation, got "
             f"{type(optimizer).__name__}; e.g. optax.sgd(0.05, momentum=0.9)"
         )
+    if getattr(optimizer.init, "__qualname__", "").startswith("lookahead."):
+        raise ValueError(LOOKAHEAD)
     return optax.with_extra_args_support(optimizer)
+
+
+LOOKAHEAD = (
+    "optax.lookahead keeps slow weights of its own in LookaheadParams and cannot be a "
+    "learner optimiser; SMA's central model already plays that part (tune alpha and "
+    "momentum), or pass lookahead's fast optimiser alone"
+)
+
+
+# Parts of a learner optimiser's state that all learners share: the step count
+# and hyperparameters of `optax.inject_hyperparams`, so that they stay scalars
+# (`optax.tree_utils.tree_set(state, learning_rate=0.01)` sets them for all).
+_INJECTED = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+_SHARED_FIELDS = ("count", "hyperparams", "hyperparams_states")
+
+
+def learner_axes(state: Any) -> Any:
+    """vmap axes of a learner optimiser's state: 0 (one per learner), None where shared."""
+
+    def axes(node):
+        if not isinstance(node, _INJECTED):
+            return 0
+        return type(node)(
+            **{
+                f: jax.tree.map(lambda _: None, getattr(node, f))
+                if f in _SHARED_FIELDS
+                else learner_axes(getattr(node, f))
+                for f in node._fields
+            }
+        )
+
+    return jax.tree.map(axes, state, is_leaf=lambda x: isinstance(x, _INJECTED))
+
+
+def init_per_learner(inner: optax.GradientTransformation, params: Any) -> Any:
+    """`inner.init` for every learner (vmapped); injected hyperparameters kept once."""
+    shapes = jax.eval_shape(inner.init, first_learner(params))
+    lookahead = lambda node: isinstance(node, optax.LookaheadState)  # noqa: E731
+    if any(lookahead(n) for n in jax.tree.leaves(shapes, is_leaf=lookahead)):
+        raise ValueError(LOOKAHEAD)  # inside a chain: it would fail at its first update
+    axes = learner_axes(shapes)
+    return jax.vmap(inner.init, out_axes=axes)(params)
+
+
+def update_per_learner(
+    inner: optax.GradientTransformationExtraArgs, updates: Any, state: Any, params: Any, **extra
+) -> tuple[Any, Any]:
+    """`inner.update` for every learner (vmapped); injected hyperparameters kept once."""
+    axes = learner_axes(state)
+    return jax.vmap(
+        lambda g, s, p: inner.update(g, s, p, **extra), in_axes=(0, axes, 0), out_axes=(0, axes)
+    )(updates, state, params)
 
 
 def first_learner(tree: Any) -> Any:

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from crossbow_jax.transformation import _learners
@@ -45,15 +46,25 @@ class SMAState(NamedTuple):
     count: jax.Array
 
 
+def _number(name: str, value: Any, what: str) -> float | None:
+    """A hyperparameter's value when it is known now (a number, or a concrete scalar array,
+    as `optax.inject_hyperparams` passes it); None when it is traced."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, jax.Array | np.ndarray) and jnp.shape(value) == ():
+        if isinstance(value, jax.core.Tracer):
+            return None
+        return float(value)
+    raise TypeError(f"{name}={value!r} must be {what}")
+
+
 def _check_hyperparameters(alpha: Any, momentum: Any) -> None:
     if alpha is not None:
-        if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool):
-            raise TypeError(f"alpha={alpha!r} must be a positive float or None (None means 1/k)")
-        if not alpha > 0:
+        a = _number("alpha", alpha, "a positive float or None (None means 1/k)")
+        if a is not None and not a > 0:
             raise ValueError(f"alpha={alpha} must be > 0; try about 1/k for k learners in all")
-    if not isinstance(momentum, numbers.Real) or isinstance(momentum, bool):
-        raise TypeError(f"momentum={momentum!r} must be a float in [0, 1)")
-    if not 0 <= momentum < 1:
+    mu = _number("momentum", momentum, "a float in [0, 1)")
+    if mu is not None and not 0 <= mu < 1:
         raise ValueError(f"momentum={momentum} must be in [0, 1); the original used 0.9")
 
 
@@ -122,13 +133,14 @@ def sma(
 
     def init_fn(params):
         k = total_learners(params)
-        if alpha is not None and alpha * k >= 2:
+        a = None if alpha is None else _number("alpha", alpha, "a float")
+        if a is not None and a * k >= 2:
             warnings.warn(
-                f"sma: alpha={alpha} with k={k} learners gives alpha*k={alpha * k:.3g} >= 2; "
+                f"sma: alpha={a:g} with k={k} learners gives alpha*k={a * k:.3g} >= 2; "
                 "the central model may diverge. Use alpha of about 1/k.",
                 stacklevel=2,
             )
-        learner_state = jax.vmap(inner.init)(params)
+        learner_state = _learners.init_per_learner(inner, params)
         total = _learners.sum_over_learners(params, axis_name)
         z = jax.tree.map(
             lambda s, p: (s / k).astype(average_dtype or p.dtype),
@@ -142,9 +154,9 @@ def sma(
         k = total_learners(params)
         a = 1.0 / k if alpha is None else alpha
 
-        step, learner_state = jax.vmap(
-            lambda g, s, p: inner.update(g, s, p, **extra_args),
-        )(updates, state.learner_state, params)
+        step, learner_state = _learners.update_per_learner(
+            inner, updates, state.learner_state, params, **extra_args
+        )
         corrections = jax.tree.map(lambda w, z: a * (w - z[None]), params, state.z)
         new_updates = jax.tree.map(lambda u, c: (u - c).astype(u.dtype), step, corrections)
         total = _learners.sum_over_learners(corrections, axis_name)

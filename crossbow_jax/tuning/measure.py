@@ -120,7 +120,7 @@ def _dispatch(setup: Setup, program, chunks: list[Chunk], state):
     return state
 
 
-def run_trial(cfg: TrainConfig, model, optimizer, data, mesh, m: int) -> Trial:
+def run_trial(cfg: TrainConfig, model, optimizer, data, mesh, m: int, task=None) -> Trial:
     """Compiles and times one setting of learners per device.
 
     Args:
@@ -136,6 +136,8 @@ def run_trial(cfg: TrainConfig, model, optimizer, data, mesh, m: int) -> Trial:
         data: the run's resolved `Arrays` (only the training set is used).
         mesh: the run's device mesh.
         m: learners per device to try.
+        task: the run's loss and figures (`crossbow_jax.engine.task.Task`; None:
+            the default).
 
     Returns:
         A `Trial`. Out-of-memory errors become a failed trial; any other
@@ -148,7 +150,7 @@ def run_trial(cfg: TrainConfig, model, optimizer, data, mesh, m: int) -> Trial:
     memory = compile_seconds = None
     setup = state = None
     try:
-        setup = prepare(cfg, model, optimizer, data, mesh, m)
+        setup = prepare(cfg, model, optimizer, data, mesh, m, task)
         images_per_step = setup.layout.images_per_step
         state = setup.compiler.init_state(cfg.seed, data.example)
         length = min(setup.steps_per_dispatch, steps)

@@ -21,13 +21,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Generator, Mapping
 
-from crossbow_jax.engine.config import TUNE_STRATEGIES as STRATEGIES
-from crossbow_jax.engine.config import TrainConfig, check_field
+from crossbow_jax.engine.config import TUNE_STRATEGIES, TrainConfig, check_field
 
 # How much a throughput may exceed the required value and still not count as a
 # gain: it keeps exact equality (a gain of exactly `threshold`) a stop, whatever
 # the rounding of `prev * (1 + threshold)`.
 _REL_EPS = 1e-9
+STRATEGIES = TUNE_STRATEGIES
 
 _Proposals = Generator[int, "float | None", int | None]
 

@@ -17,9 +17,11 @@ from typing import Any
 
 import jax
 
-from crossbow_jax.engine.config import ConfigError, TrainConfig, make_config
+from crossbow_jax.engine.checks import check_run
+from crossbow_jax.engine.config import ConfigError, TrainConfig, make_config, refuse_ignored_options
 from crossbow_jax.engine.inputs import resolve
 from crossbow_jax.engine.programs import resolve_execution
+from crossbow_jax.engine.task import Task
 from crossbow_jax.tuning import report
 from crossbow_jax.tuning.measure import run_trial
 from crossbow_jax.tuning.search import Search
@@ -31,6 +33,7 @@ def search_learners(
     optimizer,
     data,
     mesh,
+    task: Task | None = None,
     *,
     log: Callable[[str], None] | None = print,
     measure: Callable[..., Any] = run_trial,
@@ -46,6 +49,7 @@ def search_learners(
         optimizer: the learner optimiser, or None for the config's default.
         data: resolved `Arrays` (training set only is used).
         mesh: the device mesh the run will use.
+        task: the run's loss and figures (None: the default).
         log: where the table goes, line by line (None: silent).
         measure: the trial function (`run_trial`); tests substitute it.
 
@@ -69,7 +73,7 @@ def search_learners(
     say = log or (lambda line: None)
     say(report.table_header())
     while (m := search.propose()) is not None:
-        row = measure(cfg, model, optimizer, data, mesh, m).as_row()
+        row = measure(cfg, model, optimizer, data, mesh, m, task).as_row()
         curve.append(row)
         say(report.table_row(row, previous))
         previous = row["images_per_second"] or previous
@@ -109,7 +113,15 @@ def model_name(model) -> str:
 
 
 def choose_learners(
-    cfg: TrainConfig, model, optimizer, data, mesh, *, name: str, reuse: bool = False
+    cfg: TrainConfig,
+    model,
+    optimizer,
+    data,
+    mesh,
+    task: Task | None = None,
+    *,
+    name: str,
+    reuse: bool = False,
 ) -> dict[str, Any]:
     """Chooses learners per device for a training run (`learners_per_device="auto"`).
 
@@ -125,6 +137,7 @@ def choose_learners(
         optimizer: the learner optimiser as passed to `train`.
         data: the resolved data.
         mesh: the run's device mesh.
+        task: the run's loss and figures (None: the default).
         name: the model's name in the report.
         reuse: take the choice from the run folder's `tuning.json` if it is there.
 
@@ -138,7 +151,7 @@ def choose_learners(
         if log:
             log(f"reusing the tuned setting from {path}: {result['chosen']}")
         return result
-    result = search_learners(cfg, model, optimizer, data, mesh, log=log)
+    result = search_learners(cfg, model, optimizer, data, mesh, task, log=log)
     result["model"] = name
     if path and jax.process_index() == 0:
         report.write_json(result, path)
@@ -153,6 +166,8 @@ def tune(
     optimizer: Any = None,
     data_dir: str | None = None,
     augment: str | None = None,
+    loss_fn: Callable[[Any, Any], Any] | None = None,
+    metrics_fn: Callable[[Any, Any], dict[str, Any]] | None = None,
     log: Callable[[str], None] | None = print,
     json_path: str | os.PathLike | None = None,
     plot_path: str | os.PathLike | None = None,
@@ -161,8 +176,8 @@ def tune(
     """Finds the number of learners per device by measured throughput; no training.
 
     Args:
-        model, train, test, optimizer, data_dir, augment: as for
-            `crossbow_jax.train`.
+        model, train, test, optimizer, data_dir, augment, loss_fn, metrics_fn:
+            as for `crossbow_jax.train`.
         log: where the table goes, line by line (None: silent).
         json_path: write the report there as JSON.
         plot_path: draw the curve there as PNG.
@@ -180,11 +195,13 @@ def tune(
         "compile_seconds", "devices", "platform", "device_kind", "batch_size",
         "algorithm", "execution", "memory_limit", "date", "model".
     """
+    refuse_ignored_options(optimizer, config)
     config.pop("learners_per_device", None)
     config.setdefault("progress", False)
     cfg = make_config(learners_per_device="auto", **config)
     module, data, mesh = resolve(cfg, model, train, test, data_dir=data_dir, augment=augment)
-    result = search_learners(cfg, module, optimizer, data, mesh, log=log)
+    task = check_run(cfg, module, optimizer, data, loss_fn=loss_fn, metrics_fn=metrics_fn)
+    result = search_learners(cfg, module, optimizer, data, mesh, task, log=log)
     result["model"] = model_name(model)
     if json_path is not None:
         report.write_json(result, json_path)

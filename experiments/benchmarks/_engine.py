@@ -19,9 +19,9 @@ import optax
 
 from crossbow_jax.engine.config import TrainConfig
 from crossbow_jax.engine.inputs import resolve
+from crossbow_jax.engine.optimizers import default_optimizer
 from crossbow_jax.engine.plan import Chunk
 from crossbow_jax.engine.programs import Compiler, Setup, prepare
-from crossbow_jax.engine.optimizers import default_optimizer
 
 
 def synthetic(n: int, shape: tuple[int, ...], classes: int = 10, seed: int = 0):

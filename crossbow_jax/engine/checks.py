@@ -1,0 +1,186 @@
+"""Everything checked before any work: the model's mode, its fit to the data, the task, the
+optimiser. Each failure is one `ConfigError` line naming the value and the fix.
+
+`check_run` runs the model once abstractly (`jax.eval_shape`, nothing is
+computed) on one preprocessed training example to learn its outputs, then
+decides the task (classification when the labels are class indices that
+the outputs score), checks every label and every float input of both
+splits, and the learner optimiser on the model's parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from crossbow_jax.engine.config import ConfigError, TrainConfig
+from crossbow_jax.engine.inputs import Arrays
+from crossbow_jax.engine.task import RESERVED, LossFn, MetricsFn, Task
+from crossbow_jax.models.adapters import LinenModel, Model
+from crossbow_jax.transformation import SMAState, SSGDState, sma
+
+DEFAULT_LOSS = "the default loss is softmax cross-entropy on integer class labels"
+
+
+def check_run(
+    config: TrainConfig,
+    model: Model,
+    optimizer: Any,
+    data: Arrays,
+    *,
+    loss_fn: LossFn | None = None,
+    metrics_fn: MetricsFn | None = None,
+) -> Task:
+    """Checks a run before any work; returns its `Task`.
+
+    Raises:
+        ConfigError: one line: what is wrong, where (split and row), and the fix.
+    """
+    sample = data.preprocess(data.example, None)
+    try:
+        params, state = _abstract_variables(model, sample)
+        outputs, _ = jax.eval_shape(
+            lambda p, s, x: model.apply(p, s, x, train=False), params, state, sample
+        )
+    except Exception as e:  # noqa: BLE001 -- any failure here is the model not fitting the data
+        raise ConfigError(
+            f"{model.name} cannot take the training inputs (one example: shape "
+            f"{data.example.shape[1:]}, dtype {data.example.dtype}): {_first_line(e)}; "
+            "check the model's input shape"
+        ) from None
+    check_mode(model, sample)
+    task = _task(config, data, outputs, loss_fn, metrics_fn)
+    check_values(data, task, num_outputs=outputs.shape[-1] if task.classification else None)
+    check_optimizer(optimizer, params)
+    return task
+
+
+def check_mode(model: Model, sample) -> None:
+    """A Linen model with Dropout or BatchNorm needs a mode keyword, or it trains in one mode."""
+    if not isinstance(model, LinenModel) or model.mode is not None:
+        return
+    layers = model.stateful_layers(sample)
+    if layers:
+        raise ConfigError(
+            f"{model.name} has {' and '.join(layers)} but its __call__ takes none of train, "
+            "training, is_training, deterministic, so it would train and evaluate in one "
+            "mode; add one (e.g. `def __call__(self, x, train: bool = False)`) and pass it "
+            "to the layers, or name yours with mode_keyword="
+        )
+
+
+def _abstract_variables(model: Model, sample):
+    if model.given:
+        return model.init(None, None)
+    return jax.eval_shape(model.init, jax.random.PRNGKey(0), sample)
+
+
+def _task(config, data: Arrays, outputs, loss_fn, metrics_fn) -> Task:
+    labels = data.label_example
+    integer = np.issubdtype(labels.dtype, np.integer)
+    scores = outputs.shape[:-1] == labels.shape and outputs.ndim >= 2 and outputs.shape[-1] > 1
+    if loss_fn is None and not (integer and scores):
+        kind = "integer" if integer else f"{labels.dtype}"
+        raise ConfigError(
+            f"{DEFAULT_LOSS}, but the outputs have shape {outputs.shape[1:]} per example and "
+            f"the labels are {kind} of shape {labels.shape[1:]}; pass loss_fn=(outputs, "
+            "labels) -> per-example loss (e.g. a squared error for regression)"
+        )
+    task = Task(loss_fn, metrics_fn, classification=bool(integer and scores))
+    label = jax.ShapeDtypeStruct(labels.shape, labels.dtype)
+    try:
+        figures = jax.eval_shape(task.figures, outputs, label)
+        mine = jax.eval_shape(metrics_fn, outputs, label) if metrics_fn else {}
+    except Exception as e:  # noqa: BLE001 -- the user's loss or metrics failed
+        raise ConfigError(
+            f"loss_fn or metrics_fn failed on the model's outputs: {_first_line(e)}"
+        ) from None
+    if not isinstance(mine, dict) or set(mine) & set(RESERVED):
+        raise ConfigError(
+            "metrics_fn must return a dict {name: per-example values} whose names are not "
+            f"{' or '.join(RESERVED)} (the engine's own), got {mine!r}"
+        )
+    for name, value in figures.items():
+        if value.shape != (1,):
+            raise ConfigError(
+                f"{'loss_fn' if name == 'loss' else 'metrics_fn'} must give one value per "
+                f"example, shape (batch,), but {name!r} has shape {value.shape} for a batch of 1"
+            )
+    if config.target_accuracy is not None and not task.classification:
+        raise ConfigError(
+            f"target_accuracy={config.target_accuracy} needs a classification task (integer "
+            "class labels scored by the model's outputs); this task reports its loss only"
+        )
+    return task
+
+
+def check_values(data: Arrays, task: Task, num_outputs: int | None) -> None:
+    """No NaN or infinity in float inputs or labels; class labels in [0, outputs)."""
+    for split, x, y in (("train", data.train_x, data.train_y), ("test", data.test_x, data.test_y)):
+        for part, values in (("inputs", x), ("labels", y)):
+            if values is not None and np.issubdtype(values.dtype, np.floating):
+                bad = _first_row(~np.isfinite(values))
+                if bad is not None:
+                    raise ConfigError(
+                        f"{split} {part} row {bad} holds NaN or infinity; clean or drop that "
+                        "row before training"
+                    )
+        if num_outputs is not None and y is not None:
+            outside = (y < 0) | (y >= num_outputs)
+            bad = _first_row(outside)
+            if bad is not None:
+                value = np.ravel(y[bad])[np.ravel(outside[bad])][0]
+                raise ConfigError(
+                    f"{split} labels row {bad} holds {value}, outside [0, "
+                    f"{num_outputs}): the model scores {num_outputs} classes; use labels "
+                    f"0..{num_outputs - 1} or a model with more outputs"
+                )
+
+
+def _first_row(mask: np.ndarray) -> int | None:
+    rows = np.any(mask.reshape(len(mask), -1), axis=1)
+    return int(np.argmax(rows)) if rows.any() else None
+
+
+def check_optimizer(optimizer: Any, params: Any) -> None:
+    """The learner optimiser: an optax transformation that `sma` can wrap and initialise on
+    one learner's parameters (so not `sma`/`ssgd` already, nor `optax.lookahead`)."""
+    if optimizer is None:
+        return
+    if not callable(getattr(optimizer, "init", None)) or not callable(
+        getattr(optimizer, "update", None)
+    ):
+        raise ConfigError(
+            f"optimizer must be an optax GradientTransformation, got {type(optimizer).__name__}; "
+            "e.g. optax.adam(1e-3)"
+        )
+    one = jax.tree.map(lambda p: jax.ShapeDtypeStruct((1, *np.shape(p)), p.dtype), params)
+    try:
+        state = jax.eval_shape(sma(optimizer).init, one)
+    except Exception as e:  # noqa: BLE001 -- the user's optimiser failed on the model
+        text = _first_line(e)
+        if "lookahead" in text:
+            raise ConfigError(str(e)) from None
+        if "learner" in text:  # sma or ssgd inside: it met parameters without a learner axis
+            raise ConfigError(f"optimizer contains a crossbow_jax.sma or ssgd; {_WRAPS}") from None
+        raise ConfigError(
+            f"optimizer cannot initialise on the model's parameters: {text}"
+        ) from None
+    found = [type(s).__name__ for s in jax.tree.leaves(state.learner_state, is_leaf=_is_wrapper)
+             if _is_wrapper(s)]  # fmt: skip
+    if found:
+        raise ConfigError(f"optimizer contains a {found[0]}; {_WRAPS}")
+
+
+_WRAPS = "pass the learner optimiser; the engine wraps it (algorithm='sma' or 'ssgd')"
+
+
+def _is_wrapper(node) -> bool:
+    return isinstance(node, SMAState | SSGDState)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]

@@ -1,0 +1,201 @@
+"""What a run gives back: `TrainResult` (with `predict`), and `load_run` for a run folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from crossbow_jax.data.preprocess import Preprocess
+from crossbow_jax.engine.checkpoint import read_central, read_record
+from crossbow_jax.engine.config import ConfigError, TrainConfig
+from crossbow_jax.engine.inputs import Arrays, resolve_model
+from crossbow_jax.models.adapters import Model
+
+PREDICT_BATCH = 1024
+
+
+@dataclasses.dataclass(repr=False)
+class TrainResult:
+    """What `train` returns (and `load_run` reads back from a run folder).
+
+    Attributes:
+        params: the central model z, in the model's own form: Linen
+            `{"params": ..., "batch_stats": ...}` (`model.apply(params, x)`);
+            NNX an `nnx.State` (`nnx.update(model, params)`); for
+            `(apply_fn, params)` the parameters (`apply_fn(params, x)`). These
+            take model inputs: apply `preprocess` to raw inputs first, or use
+            `predict`.
+        accuracy: the last test accuracy of z (None without a test set or for
+            a task other than classification).
+        test_loss: the last test loss of z (None without a test set).
+        history: one dict per logged interval (step, epoch, loss, accuracy,
+            the user's metrics, images_per_second, time; test_loss,
+            test_accuracy and test_<metric> at evaluations).
+        time_to_accuracy: seconds from the start of the run (tuning and
+            compilation included) until z first reached `target_accuracy`.
+        images_per_second: training images per second of all learners,
+            compilation, evaluation and checkpoints excluded.
+        wall_time: seconds for the whole run, data loading excluded.
+        compile_time: seconds spent compiling, reported apart.
+        steps: steps taken in all (including before a resume).
+        learners_per_device, devices: the layout that ran.
+        config: the `TrainConfig` of the run.
+        tuning: the auto-tuner's report when `learners_per_device="auto"`
+            (chosen setting and throughput curve, docs/tuning.md), else None.
+        preprocess: how the engine turns raw inputs (as passed to `train`)
+            into model inputs: `preprocess(x, None)` (scale, normalise; no
+            augmentation without a key).
+    """
+
+    params: Any
+    accuracy: float | None
+    history: list[dict[str, Any]]
+    time_to_accuracy: float | None
+    images_per_second: float
+    wall_time: float
+    compile_time: float
+    steps: int
+    learners_per_device: int
+    devices: int
+    config: TrainConfig
+    tuning: dict[str, Any] | None = None
+    test_loss: float | None = None
+    preprocess: Preprocess | None = None
+    model: Model | None = dataclasses.field(default=None, compare=False)
+    central: tuple[Any, Any] | None = dataclasses.field(default=None, compare=False)
+
+    def predict(self, x, batch_size: int = PREDICT_BATCH) -> np.ndarray:
+        """The central model's outputs on raw inputs like the training data.
+
+        Applies `preprocess` (no augmentation) and z in evaluation mode, in
+        batches of `batch_size`, on the first device.
+
+        Args:
+            x: (N, ...) inputs as passed to `train` ((N, H, W) images get their
+                channel axis, as in training).
+            batch_size: examples per call.
+
+        Returns:
+            (N, ...) outputs as NumPy (logits for a classifier).
+        """
+        if self.model is None or self.central is None:
+            raise ConfigError(
+                "this result has no model to predict with; for a run folder of your own "
+                "model, pass it: load_run(folder, model=...)"
+            )
+        x = np.asarray(x)
+        if x.ndim == 3 and self.preprocess is not None and self.preprocess.scale is not None:
+            x = x[..., None]  # (N, H, W) images, as in training
+        model, pre = self.model, self.preprocess
+        params, state = self.central
+        fn = _predictor(model, pre)
+        out = [np.asarray(fn(params, state, x[i : i + batch_size]))
+               for i in range(0, len(x), batch_size)]  # fmt: skip
+        return np.concatenate(out) if out else np.zeros((0,))
+
+    def __repr__(self) -> str:
+        cfg = self.config
+        first = (
+            f"central model: test accuracy {self.accuracy:.4f}" if self.accuracy is not None
+            else "central model: no test accuracy"
+        )
+        if self.test_loss is not None:
+            first += f", test loss {self.test_loss:.4g}"
+        m, b = self.learners_per_device, cfg.batch_size
+        layout = f"{m} learner(s) at batch {b}" if cfg.algorithm == "sma" else f"batch {m} x {b}"
+        return (
+            f"TrainResult({first}\n"
+            f"  {self.steps} steps, {cfg.algorithm}, {self.devices} device(s) x {layout}\n"
+            f"  {self.images_per_second:,.0f} images/s, wall {self.wall_time:.1f} s, "
+            f"compile {self.compile_time:.1f} s)"
+        )
+
+
+def _predictor(model: Model, preprocess: Preprocess | None):
+    def outputs(params, state, x):
+        x = preprocess(x, None) if preprocess is not None else x
+        return model.apply(params, state, x, train=False)[0]
+
+    return jax.jit(outputs)
+
+
+def run_summary(result: TrainResult, data: Arrays) -> dict[str, Any]:
+    """What a checkpoint records about the run besides the state (JSON), for `load_run`."""
+    return {
+        "config": dataclasses.asdict(result.config),
+        "preprocess": dataclasses.asdict(result.preprocess),
+        "example": {"shape": list(data.example.shape), "dtype": str(data.example.dtype)},
+        "num_classes": data.num_classes,
+        "learners_per_device": result.learners_per_device,
+        "devices": result.devices,
+        "images_per_second": result.images_per_second,
+        "compile_time": result.compile_time,
+        "model": result.model.name,
+        "registry_name": getattr(result.model, "registry", None),
+        "tuning": result.tuning,
+    }
+
+
+def load_run(folder: str | os.PathLike, model: Any = None) -> TrainResult:
+    """The central model, config, history and a `predict` of a run folder's latest checkpoint.
+
+    Args:
+        folder: the run folder (`checkpoint_dir`, the command's `--output`).
+        model: the model the run trained, when it is not a named model
+            (a Linen or NNX module, or `(apply_fn, params)`: only its structure
+            is used); None for a named model, or to read the variables alone
+            (`params` as saved, and no `predict`).
+
+    Returns:
+        A `TrainResult` as the run would have returned at that checkpoint
+        (`params`, `accuracy`, `test_loss`, `history`, `config`, `steps`, ...).
+
+    Raises:
+        ConfigError: no checkpoint, or one written before central models were saved.
+    """
+    folder = os.fspath(folder)
+    record = read_record(folder)
+    run = record.get("run")
+    if run is None:
+        raise ConfigError(
+            f"the checkpoint in {folder!r} was written by an older crossbow_jax and holds no "
+            "run summary; resume the run once to write one"
+        )
+    config = TrainConfig(**run["config"])
+    pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v
+                        for k, v in run["preprocess"].items()})  # fmt: skip
+    if model is None:
+        model = run["registry_name"]
+    adapter = like = None
+    if model is not None:
+        adapter = resolve_model(model, run["num_classes"], config.dtype, config.mode_keyword)
+        example = np.zeros(run["example"]["shape"], run["example"]["dtype"])
+        if adapter.given:
+            like = adapter.init(None, None)
+        else:
+            like = jax.eval_shape(adapter.init, jax.random.PRNGKey(0), pre(example, None))
+    _, central = read_central(folder, like)
+    rows = record["history"]
+    tested = [r for r in rows if "test_loss" in r]
+    return TrainResult(
+        params=adapter.variables(*central) if adapter else central,
+        accuracy=next((r["test_accuracy"] for r in reversed(tested) if "test_accuracy" in r), None),
+        history=rows,
+        time_to_accuracy=next((r["time"] for r in rows if r.get("reached_target")), None),
+        images_per_second=run["images_per_second"],
+        wall_time=record["elapsed"],
+        compile_time=run["compile_time"],
+        steps=record["step"],
+        learners_per_device=run["learners_per_device"],
+        devices=run["devices"],
+        config=config,
+        tuning=run["tuning"],
+        test_loss=tested[-1]["test_loss"] if tested else None,
+        preprocess=pre,
+        model=adapter,
+        central=tuple(central) if adapter else None,
+    )
