@@ -15,7 +15,6 @@ from crossbow_jax.engine.config import make_config, refuse_ignored_options
 from crossbow_jax.engine.inputs import resolve
 from crossbow_jax.models import get_spec
 from crossbow_jax.tuning import choose_learners
-from crossbow_jax.tuning.tuner import model_name
 
 
 def train(
@@ -95,7 +94,7 @@ def train(
             resuming = config.resume and checkpointer.latest_step() is not None
             tuning = choose_learners(
                 config, module, optimizer, data, mesh, task,
-                name=model_name(model), reuse=resuming,
+                name=model if isinstance(model, str) else module.name, reuse=resuming,
             )  # fmt: skip
             m = tuning["chosen"]
         return fit(

@@ -230,8 +230,8 @@ def test_inputs_the_model_cannot_take_are_refused(no_work):
         def __call__(self, x):
             return nn.Dense(4)(x.reshape(x.shape[0], 4, 4).sum(1))
 
-    with pytest.raises(crossbow_jax.ConfigError, match=r"Wants16 cannot take the training "
-                       r"inputs \(one example: shape \(8,\), dtype float32\)"):  # fmt: skip
+    with pytest.raises(crossbow_jax.ConfigError, match=r"Wants16 fails on two training examples "
+                       r"\(shape \(8,\), dtype float32\): TypeError: cannot reshape"):  # fmt: skip
         crossbow_jax.train(Wants16(), TRAIN, TEST, epochs=1, **RUN)
 
 
@@ -348,3 +348,94 @@ def test_inject_hyperparams_around_sma_takes_array_alpha_and_momentum():
     state = optax.tree_utils.tree_set(state, alpha=0.2)
     updates, _ = jax.jit(opt.update)(grads, state, params)
     assert float(state.hyperparams["alpha"]) == pytest.approx(0.2)
+
+
+# -- what the review of this change found ---------------------------------------------------
+
+
+class NNXKeyword(nnx.Module):
+    """An NNX module that passes its own mode keyword to dropout."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.hidden, self.out = nnx.Linear(8, 32, rngs=rngs), nnx.Linear(32, 4, rngs=rngs)
+        self.drop = nnx.Dropout(0.9, rngs=rngs)
+
+    def __call__(self, x, train: bool = False):
+        return self.out(self.drop(nnx.relu(self.hidden(x)), deterministic=not train))
+
+
+def test_an_nnx_module_with_a_mode_keyword_gets_it():
+    r = crossbow_jax.train(NNXKeyword(nnx.Rngs(0)), TRAIN, TEST, epochs=1,
+                           optimizer=optax.adam(1e-2), **RUN)  # fmt: skip
+    assert r.history[-1]["loss"] > 0.3  # dropout 0.9 in training, because train=True reached it
+    assert r.accuracy > 0.8
+
+
+def test_nnx_rng_streams_of_any_shape_are_rekeyed_in_shape():
+    from crossbow_jax.models.adapters import NNXModel
+
+    import dataclasses
+
+    model = NNXModel.of(NNXNet(0.5, nnx.Rngs(0)))
+    # Streams split over 3 stacked layers (as nnx.vmap / nnx.scan over layers makes them).
+    leaves, tree = jax.tree.flatten(model.rngs)
+    split = [jax.random.split(leaf, 3) if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+             else jnp.zeros((3,), leaf.dtype) for leaf in leaves]  # fmt: skip
+    model = dataclasses.replace(model, rngs=jax.tree.unflatten(tree, split))
+    keyed = model._keyed_rngs(jax.random.PRNGKey(1))
+    assert jax.tree.map(jnp.shape, keyed) == jax.tree.map(jnp.shape, model.rngs)
+    keys = [k for k in jax.tree.leaves(keyed) if jax.dtypes.issubdtype(k.dtype,
+                                                                     jax.dtypes.prng_key)]
+    assert len({tuple(np.asarray(jax.random.key_data(k)).ravel()) for k in keys[0]}) == 3
+
+
+@pytest.mark.parametrize(
+    "model, match",
+    [
+        (MLP, "model is the class MLP; pass an instance"),
+        ((MLP().apply, {"params": {}}), "pass the module alone"),
+        ((lambda p, x: x @ p["w"], {"w": np.ones((8, 4), np.int32)}),
+         r"parameter \['w'\] is int32"),
+    ],
+)  # fmt: skip
+def test_models_given_the_wrong_way_are_refused(model, match, no_work):
+    with pytest.raises(crossbow_jax.ConfigError, match=match):
+        crossbow_jax.train(model, TRAIN, TEST, epochs=1, **RUN)
+
+
+def test_loss_and_metric_functions_are_checked(no_work):
+    ce = optax.softmax_cross_entropy_with_integer_labels
+    with pytest.raises(crossbow_jax.ConfigError, match=r"loss_fn must give one value per "
+                       r"example, shape \(batch, ...\), but 'loss' has shape \(\)"):  # fmt: skip
+        crossbow_jax.train(MLP(), TRAIN, TEST, epochs=1, loss_fn=lambda o, y: ce(o, y).mean(),
+                           **RUN)  # fmt: skip
+    with pytest.raises(crossbow_jax.ConfigError, match="names are not loss, accuracy, count"):
+        crossbow_jax.train(MLP(), TRAIN, TEST, epochs=1,
+                           metrics_fn=lambda o, y: {"step": ce(o, y)}, **RUN)  # fmt: skip
+
+
+def test_three_dimensional_float_inputs_stay_as_given():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(256, 5, 3)).astype(np.float32)  # (N, T, F) sequences
+    y = (x[:, :, 0].sum(1) > 0).astype(np.int32)
+
+    class Seq(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            assert x.ndim == 3  # no channel axis was added
+            return nn.Dense(2)(nn.relu(nn.Dense(16)(x)).mean(1))
+
+    r = crossbow_jax.train(Seq(), (x[:192], y[:192]), (x[192:], y[192:]), epochs=3,
+                           optimizer=optax.adam(1e-2), **RUN)  # fmt: skip
+    assert r.accuracy > 0.8 and r.predict(x[:4]).shape == (4, 2)
+
+
+def test_options_that_cannot_take_effect_are_refused(no_work):
+    for options, match in [
+        ({"reset_at_drops": True}, "reset_at_drops=True moves SMA's learners"),
+        ({"reset_at_drops": True, "lr_milestones": (0.5,), "algorithm": "ssgd"}, "needs algor"),
+        ({"mode_keyword": "train"}, "mode_keyword='train' is for models of your own"),
+    ]:
+        with pytest.raises(crossbow_jax.ConfigError, match=match):
+            crossbow_jax.train("lenet" if "mode_keyword" in options else MLP(), TRAIN, TEST,
+                               epochs=1, **RUN, **options)  # fmt: skip

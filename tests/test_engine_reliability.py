@@ -244,3 +244,4 @@ def test_resuming_with_another_model_or_optimiser_is_refused_and_changes_nothing
     assert folder_bytes(tmp_path) == before  # nothing written, nothing lost
     again = crossbow_jax.train(MLP(), TRAIN, TEST, epochs=2, resume=True, **kw)
     assert again.steps == 2 * (768 // 32)
+

@@ -45,8 +45,8 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     """Trains; process 0 prints the result line and writes the run folder's files."""
     config = _common.config_from_args(args)  # bad flags fail here, before anything starts
+    _common.start_processes(args)  # before the user's model code may touch JAX
     model = _common.model_from_args(args)
-    _common.start_processes(args)
     main_process = distributed.is_main_process()
     if not main_process:
         config = config.replace(progress=False)

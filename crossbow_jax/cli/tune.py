@@ -52,14 +52,15 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         raise _common.UsageError("tune does not train, so there is nothing to --resume")
     config = _common.config_from_args(args)  # bad flags fail here, before anything starts
+    _common.start_processes(args)  # before the user's model code may touch JAX
     model = _common.model_from_args(args)
-    _common.start_processes(args)
     main_process = distributed.is_main_process()
     folder = config.checkpoint_dir
     json_path = args.json or (os.path.join(folder, "tuning.json") if folder else None)
 
     # The run's settings and the search's (`tune_*`); the run folder's do not apply.
-    skip = {"learners_per_device", "checkpoint_dir", "resume", "progress"}
+    skip = {"learners_per_device", "checkpoint_dir", "checkpoint_every", "checkpoint_minutes",
+            "resume", "progress"}  # fmt: skip
     fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
     data = _common.data_arguments(args)
     tuner.tune(

@@ -24,14 +24,21 @@ import orbax.checkpoint as ocp
 from crossbow_jax.engine.config import ConfigError, TrainConfig, check_writable
 
 CONFIG_FILE = "config.json"
-FINGERPRINTS = {"model": "the model", "optimizer": "the optimiser"}
+FINGERPRINTS = {
+    "layout": "the layout (devices x learners per device)",
+    "model": "the model",
+    "optimizer": "the optimiser",
+}
 """Fingerprinted parts of the state: `config.json` key `fingerprint_<part>`, and their names."""
 
 
 def fingerprint(tree: Any) -> dict[str, str]:
-    """Every array of `tree` by path: "dtype[shape]"."""
+    """Every leaf of `tree` by path: "dtype[shape]" for an array, the value for a number."""
     leaves = jax.tree_util.tree_leaves_with_path(tree)
-    return {jax.tree_util.keystr(path): f"{x.dtype}{list(x.shape)}" for path, x in leaves}
+    return {
+        jax.tree_util.keystr(path): f"{x.dtype}{list(x.shape)}" if hasattr(x, "shape") else repr(x)
+        for path, x in leaves
+    }
 
 
 def describe_difference(saved: dict[str, str], now: dict[str, str]) -> str:
@@ -60,7 +67,11 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
         )
         self.identity = config.identity()
-        self.saved = self._check_identity(config)
+        try:
+            self.saved = self._check_identity(config)
+        except ConfigError:
+            self._manager.close()
+            raise
 
     def _check_identity(self, config: TrainConfig) -> dict[str, Any]:
         """The saved `config.json` of a run to resume ({} for a fresh run); checks the settings."""
@@ -91,8 +102,9 @@ class Checkpointer:
         `config.json` (settings and fingerprints).
 
         Args:
-            **parts: `model=` the parameter tree, `optimizer=` the optimiser state
-                (arrays or shape structs; see `FINGERPRINTS`).
+            **parts: `layout=` {"devices", "learners_per_device"}, `model=` the
+                parameter tree, `optimizer=` the optimiser state (arrays or shape
+                structs; see `FINGERPRINTS`).
 
         Raises:
             ConfigError: the run folder was started with another model or

@@ -38,23 +38,54 @@ def check_run(
     Raises:
         ConfigError: one line: what is wrong, where (split and row), and the fix.
     """
-    sample = data.preprocess(data.example, None)
+    pair = np.concatenate([data.example] * 2)  # two examples: per-example shapes show
+    sample = data.preprocess(pair, None)
+    params, state, outputs = _run_model(model, sample, data)
+    check_mode(model, sample)
+    check_parameters(params)
+    task = _task(config, np.concatenate([data.label_example] * 2), outputs, loss_fn, metrics_fn)
+    default = task.classification and loss_fn is None  # labels must index the outputs
+    check_values(data, task, num_outputs=outputs.shape[-1] if default else None)
+    check_optimizer(optimizer, params)
+    return task
+
+
+def _run_model(model: Model, sample, data: Arrays):
+    """The model's abstract parameters, state and outputs on `sample`, both modes tried."""
+    where = (f"{model.name} fails on two training examples (shape {data.example.shape[1:]}, "
+             f"dtype {data.example.dtype})")  # fmt: skip
+    key = jax.random.PRNGKey(0)
     try:
         params, state = _abstract_variables(model, sample)
         outputs, _ = jax.eval_shape(
             lambda p, s, x: model.apply(p, s, x, train=False), params, state, sample
         )
-    except Exception as e:  # noqa: BLE001 -- any failure here is the model not fitting the data
+        _, new_state = jax.eval_shape(
+            lambda p, s, x: model.apply(p, s, x, train=True, key=key), params, state, sample
+        )
+    except Exception as e:  # noqa: BLE001 -- the user's model failed: say so, with its error
+        raise ConfigError(f"{where}: {_first_line(e)}") from None
+    if not isinstance(outputs, jax.ShapeDtypeStruct):
         raise ConfigError(
-            f"{model.name} cannot take the training inputs (one example: shape "
-            f"{data.example.shape[1:]}, dtype {data.example.dtype}): {_first_line(e)}; "
-            "check the model's input shape"
-        ) from None
-    check_mode(model, sample)
-    task = _task(config, data, outputs, loss_fn, metrics_fn)
-    check_values(data, task, num_outputs=outputs.shape[-1] if task.classification else None)
-    check_optimizer(optimizer, params)
-    return task
+            f"{model.name} returns a {type(outputs).__name__}; the engine needs one array of "
+            "outputs per batch (return the array the loss is computed on)"
+        )
+    if jax.tree.structure(new_state) != jax.tree.structure(state):
+        raise ConfigError(
+            f"{model.name} changes the structure of its state in training (variables created "
+            "or removed by a call, such as sown intermediates); keep them out of training calls"
+        )
+    return params, state, outputs
+
+
+def check_parameters(params) -> None:
+    """Trained parameters are float arrays."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if not jax.numpy.issubdtype(leaf.dtype, jax.numpy.inexact):
+            raise ConfigError(
+                f"the model's parameter {jax.tree_util.keystr(path)} is {leaf.dtype}; "
+                "parameters are trained, so they must be float arrays"
+            )
 
 
 def check_mode(model: Model, sample) -> None:
@@ -77,8 +108,8 @@ def _abstract_variables(model: Model, sample):
     return jax.eval_shape(model.init, jax.random.PRNGKey(0), sample)
 
 
-def _task(config, data: Arrays, outputs, loss_fn, metrics_fn) -> Task:
-    labels = data.label_example
+def _task(config, labels: np.ndarray, outputs, loss_fn, metrics_fn) -> Task:
+    """The run's task, from two examples' labels and outputs; each user function checked."""
     integer = np.issubdtype(labels.dtype, np.integer)
     scores = outputs.shape[:-1] == labels.shape and outputs.ndim >= 2 and outputs.shape[-1] > 1
     if loss_fn is None and not (integer and scores):
@@ -90,24 +121,27 @@ def _task(config, data: Arrays, outputs, loss_fn, metrics_fn) -> Task:
         )
     task = Task(loss_fn, metrics_fn, classification=bool(integer and scores))
     label = jax.ShapeDtypeStruct(labels.shape, labels.dtype)
-    try:
-        figures = jax.eval_shape(task.figures, outputs, label)
-        mine = jax.eval_shape(metrics_fn, outputs, label) if metrics_fn else {}
-    except Exception as e:  # noqa: BLE001 -- the user's loss or metrics failed
-        raise ConfigError(
-            f"loss_fn or metrics_fn failed on the model's outputs: {_first_line(e)}"
-        ) from None
-    if not isinstance(mine, dict) or set(mine) & set(RESERVED):
-        raise ConfigError(
-            "metrics_fn must return a dict {name: per-example values} whose names are not "
-            f"{' or '.join(RESERVED)} (the engine's own), got {mine!r}"
-        )
-    for name, value in figures.items():
-        if value.shape != (1,):
+    for name, fn in (("loss_fn", loss_fn), ("metrics_fn", metrics_fn)):
+        if fn is None:
+            continue
+        try:
+            got = jax.eval_shape(fn, outputs, label)
+        except Exception as e:  # noqa: BLE001 -- the user's function failed
+            raise ConfigError(f"{name} failed on the model's outputs: {_first_line(e)}") from None
+        values = {"loss": got} if name == "loss_fn" else got
+        if name == "metrics_fn" and (not isinstance(values, dict) or set(values) & set(RESERVED)
+                                     or any(str(k).startswith("test_") for k in values)):  # fmt: skip
             raise ConfigError(
-                f"{'loss_fn' if name == 'loss' else 'metrics_fn'} must give one value per "
-                f"example, shape (batch,), but {name!r} has shape {value.shape} for a batch of 1"
+                "metrics_fn must return a dict {name: per-example values} whose names are not "
+                f"{', '.join(RESERVED)} or test_* (the engine's own), got {values!r}"
             )
+        for key, value in values.items():
+            if not isinstance(value, jax.ShapeDtypeStruct) or value.shape[:1] != (2,):
+                shape = getattr(value, "shape", type(value).__name__)
+                raise ConfigError(
+                    f"{name} must give one value per example, shape (batch, ...), but "
+                    f"{key!r} has shape {shape} for a batch of 2"
+                )
     if config.target_accuracy is not None and not task.classification:
         raise ConfigError(
             f"target_accuracy={config.target_accuracy} needs a classification task (integer "
@@ -163,7 +197,7 @@ def check_optimizer(optimizer: Any, params: Any) -> None:
         text = _first_line(e)
         if "lookahead" in text:
             raise ConfigError(str(e)) from None
-        if "learner" in text:  # sma or ssgd inside: it met parameters without a learner axis
+        if "learner ax" in text:  # sma or ssgd inside: met parameters without a learner axis
             raise ConfigError(f"optimizer contains a crossbow_jax.sma or ssgd; {_WRAPS}") from None
         raise ConfigError(
             f"optimizer cannot initialise on the model's parameters: {text}"

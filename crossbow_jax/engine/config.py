@@ -225,6 +225,11 @@ class TrainConfig:
             raise ConfigError(f"warmup_epochs={self.warmup_epochs} must be in [0, epochs)")
         if self.resume and not self.checkpoint_dir:
             raise ConfigError("resume=True needs checkpoint_dir (the folder of the run to resume)")
+        if self.reset_at_drops and (self.algorithm != "sma" or not self.lr_milestones):
+            raise ConfigError(
+                "reset_at_drops=True moves SMA's learners onto the central model at the "
+                "lr_milestones; it needs algorithm='sma' and lr_milestones"
+            )
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ConfigError(
                 f"checkpoint_every={self.checkpoint_every} needs checkpoint_dir (where "

@@ -51,9 +51,8 @@ def _pair(value: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
         raise ConfigError(
             f"{what} must be a dataset name or a pair (inputs, labels), got {type(value).__name__}"
         )
-    x, y = (np.asarray(v) for v in value)
-    if x.ndim == 3:  # (N, H, W): images with one channel
-        x = x[..., None]
+    x, y = np.asarray(value[0]), np.asarray(value[1])
+    x = as_model_layout(x)
     if x.ndim < 2:
         raise ConfigError(
             f"{what} inputs have shape {x.shape}; use (N, H, W, C) images, (N, features) "
@@ -67,6 +66,12 @@ def _pair(value: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
     if len(x) == 0:
         raise ConfigError(f"{what} set is empty")
     return _as_engine_dtype(x, what, "inputs"), _as_engine_dtype(y, what, "labels")
+
+
+def as_model_layout(x: np.ndarray) -> np.ndarray:
+    """Inputs as the engine lays them out: (N, H, W) uint8 images get their channel axis;
+    anything else stays as it is."""
+    return x[..., None] if x.ndim == 3 and x.dtype == np.uint8 else x
 
 
 def _as_engine_dtype(a: np.ndarray, what: str, part: str) -> np.ndarray:
@@ -173,6 +178,11 @@ def resolve_model(
             your own model's dtype in the model).
     """
     if isinstance(model, str):
+        if mode_keyword is not None:
+            raise ConfigError(
+                f"mode_keyword={mode_keyword!r} is for models of your own; the named model "
+                f"{model!r} takes train= already"
+            )
         if num_classes is None:
             raise ConfigError(
                 f"model {model!r} is a classifier but the labels are not class indices; "

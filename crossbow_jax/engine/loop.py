@@ -8,12 +8,14 @@ synchronise only to evaluate the central model and to checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 
 from crossbow_jax.engine import mapping
 from crossbow_jax.engine.checkpoint import Checkpointer
@@ -67,65 +69,66 @@ def fit(
     """
     started = time.perf_counter() if started is None else started
     task = task or check_run(config, model, optimizer, data)
-    if checkpointer is None and config.checkpoint_dir:
-        with Checkpointer(config.checkpoint_dir, config) as opened:
-            return fit(
-                config, model, optimizer, data, mesh, learners_per_device, task=task,
-                checkpointer=opened, callback=callback, tuning=tuning, started=started,
+    with contextlib.ExitStack() as closing:
+        if checkpointer is None and config.checkpoint_dir:
+            checkpointer = closing.enter_context(Checkpointer(config.checkpoint_dir, config))
+        setup = prepare(config, model, optimizer, data, mesh, learners_per_device, task)
+        closing.callback(setup.train_data.close)
+        test = TestData(data, mesh) if data.has_test else None
+        state = setup.compiler.init_state(config.seed, data.example)
+        start, rows, before = 0, [], 0.0
+        if checkpointer:
+            checkpointer.check_and_record(
+                layout={"devices": mesh.size, "learners_per_device": learners_per_device},
+                model=jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape[2:], p.dtype),
+                                   state.params),  # per learner
+                optimizer=state.opt_state,
             )  # fmt: skip
-    setup = prepare(config, model, optimizer, data, mesh, learners_per_device, task)
-    test = TestData(data, mesh) if data.has_test else None
-    state = setup.compiler.init_state(config.seed, data.example)
-    start, rows, before = 0, [], 0.0
-    if checkpointer:
-        per_learner = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape[2:], p.dtype),
-                                   state.params)  # fmt: skip
-        checkpointer.check_and_record(model=per_learner, optimizer=state.opt_state)
-        if config.resume and checkpointer.latest_step() is not None:
-            state, saved = checkpointer.restore(state)
-            start, rows, before = saved["step"], list(saved["history"]), saved["elapsed"]
-    total = max(1, math.ceil(config.epochs * setup.steps_per_epoch))
-    plan = plan_chunks(start, total, setup.steps_per_epoch, config, setup.steps_per_dispatch)
-    lengths = sorted({chunk.length for chunk in plan})
-    compile_train = setup.compiler.train_program
-    dispatch = {n: compile_train(state, setup.train_data, n, setup.unroll) for n in lengths}
-    evaluate = setup.compiler.eval_program(state, test) if test is not None else None
-    history = History(
-        config,
-        rows,
-        before,
-        started,
-        images_per_step=setup.layout.images_per_step,
-        steps_per_epoch=setup.steps_per_epoch,
-        total_steps=total,
-        devices=mesh.size,
-        callback=callback,
-        checkpoint_dir=checkpointer.directory if checkpointer else None,
-    )
-
-    def result(central) -> TrainResult:
-        return TrainResult(
-            params=model.variables(*central),
-            accuracy=history.last_accuracy,
-            history=history.rows,
-            time_to_accuracy=history.time_to_accuracy,
-            images_per_second=history.images_per_second(),
-            wall_time=history.elapsed(),
-            compile_time=setup.compiler.seconds,
-            steps=history.step,
-            learners_per_device=learners_per_device,
+            if config.resume and checkpointer.latest_step() is not None:
+                state, saved = checkpointer.restore(state)
+                start, rows, before = saved["step"], list(saved["history"]), saved["elapsed"]
+        total = max(1, math.ceil(config.epochs * setup.steps_per_epoch))
+        plan = plan_chunks(start, total, setup.steps_per_epoch, config, setup.steps_per_dispatch)
+        lengths = sorted({chunk.length for chunk in plan})
+        compile_train = setup.compiler.train_program
+        dispatch = {n: compile_train(state, setup.train_data, n, setup.unroll) for n in lengths}
+        evaluate = setup.compiler.eval_program(state, test) if test is not None else None
+        history = History(
+            config,
+            rows,
+            before,
+            started,
+            images_per_step=setup.layout.images_per_step,
+            steps_per_epoch=setup.steps_per_epoch,
+            total_steps=total,
             devices=mesh.size,
-            config=config,
-            tuning=tuning,
-            test_loss=history.last_loss,
-            preprocess=data.preprocess,
-            model=model,
-            central=central,
+            callback=callback,
+            checkpoint_dir=checkpointer.directory if checkpointer else None,
         )
+        closing.callback(history.close)
 
-    every = config.checkpoint_minutes * 60 if checkpointer else 0.0
-    try:
-        pending, epoch, saved_at = None, None, time.monotonic()
+        def result(central) -> TrainResult:
+            return TrainResult(
+                params=model.variables(*central),
+                accuracy=history.last_accuracy,
+                history=history.rows,
+                time_to_accuracy=history.time_to_accuracy,
+                images_per_second=history.images_per_second(),
+                wall_time=history.elapsed(),
+                compile_time=setup.compiler.seconds,
+                steps=history.step,
+                learners_per_device=learners_per_device,
+                devices=mesh.size,
+                config=config,
+                tuning=tuning,
+                test_loss=history.last_loss,
+                preprocess=data.preprocess,
+                model=model,
+                central=central,
+            )
+
+        timer = CheckpointTimer(config.checkpoint_minutes if checkpointer else 0.0)
+        pending, epoch = None, None
         history.restart_clock()
         for chunk in plan:
             if chunk.epoch != epoch:
@@ -133,15 +136,15 @@ def fit(
                 setup.train_data.start_epoch(epoch, [c for c in plan if c.epoch == epoch])
             state, metrics = dispatch[chunk.length](state, *setup.train_data.args(chunk))
             current = history.dispatched(chunk, metrics)
-            due = bool(every) and time.monotonic() - saved_at >= every  # a timed checkpoint
+            due = timer.due()  # a timed checkpoint
             if not (chunk.evaluate or chunk.checkpoint or due or chunk is plan[-1]):
                 if pending:
                     history.add_dispatches([pending])  # the previous dispatch, one late
                 pending = current
                 continue
             evaluate_now = chunk.evaluate and test is not None
-            done = [pending, current] if pending else [current]
-            history.add_dispatches(done, evaluation_follows=evaluate_now)
+            history.add_dispatches([pending, current] if pending else [current],
+                                   evaluation_follows=evaluate_now)  # fmt: skip
             pending = None
             reached = False
             if evaluate_now:
@@ -151,14 +154,35 @@ def fit(
                 record = {"step": chunk.end, "history": history.rows, "elapsed": history.elapsed(),
                           "run": run_summary(result(central), data)}  # fmt: skip
                 checkpointer.save(chunk.end, state, record, central)
-                saved_at = time.monotonic()
+                timer.saved()
             if reached:
                 break
             history.restart_clock()
-    finally:
-        history.close()
-        setup.train_data.close()
-    return result(setup.compiler.central_variables(state))
+        return result(setup.compiler.central_variables(state))
+
+
+class CheckpointTimer:
+    """When a timed checkpoint is due: `minutes` after the last one (0: never).
+
+    With several processes, process 0's clock decides for all (one small
+    broadcast per dispatch), so that every process saves at the same step.
+    """
+
+    def __init__(self, minutes: float):
+        self.seconds, self.last = minutes * 60, time.monotonic()
+
+    def due(self) -> bool:
+        if not self.seconds:
+            return False
+        due = time.monotonic() - self.last >= self.seconds
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            due = bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))
+        return due
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
 
 
 def evaluate_central(program, state, test: TestData) -> dict[str, float]:

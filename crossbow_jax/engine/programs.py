@@ -60,6 +60,7 @@ class Compiler:
     def __init__(self, spec: step.StepSpec, mesh, mapper: str):
         self.spec, self.mesh, self.mapper = spec, mesh, mapper
         self.seconds = 0.0
+        self._central = None
 
     def _map(self, fn, donate: tuple[int, ...] = ()):
         if self.mapper == "pmap":
@@ -112,15 +113,17 @@ class Compiler:
         return self._compile(self._map(fn, (0,)), state, *data.example_args(length))
 
     def eval_program(self, state: step.TrainState, test: TestData):
-        """The evaluation program: (state, *batch) -> {"correct", "loss_sum", "count"}."""
+        """The evaluation program: (state, *batch) -> {figure: sum over the batch's
+        examples, ..., "count": examples} (`step.eval_step`)."""
         fn = functools.partial(step.eval_step, self.spec)
         return self._compile(self._map(fn), state, *test.batches(limit=1)[0])
 
     def central_variables(self, state: step.TrainState) -> tuple[Any, Any]:
-        """The central model's parameters and model state, as NumPy (not timed: it runs
-        once per run)."""
-        fn = self._map(functools.partial(step.central_variables, self.spec))
-        return mapping.first_device(fn(state))
+        """The central model's parameters and model state, as NumPy (at checkpoints and at
+        the end; its compilation is not counted in `seconds`)."""
+        if self._central is None:
+            self._central = self._map(functools.partial(step.central_variables, self.spec))
+        return mapping.first_device(self._central(state))
 
 
 class Setup(NamedTuple):

@@ -41,10 +41,11 @@ class PlainProgress:
         initial: int,
         desc: str,
         *,
-        every: float = PLAIN_EVERY,
+        every: float | None = None,
         stream: TextIO | None = None,
     ):
-        self.total, self.n, self.desc, self.every = total, initial, desc, every
+        self.total, self.n, self.desc = total, initial, desc
+        self.every = PLAIN_EVERY if every is None else every
         self.stream = stream or sys.stderr
         self.postfix: dict[str, Any] = {}
         self.last = time.monotonic()

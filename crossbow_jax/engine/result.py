@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -12,7 +13,7 @@ import numpy as np
 from crossbow_jax.data.preprocess import Preprocess
 from crossbow_jax.engine.checkpoint import read_central, read_record
 from crossbow_jax.engine.config import ConfigError, TrainConfig
-from crossbow_jax.engine.inputs import Arrays, resolve_model
+from crossbow_jax.engine.inputs import Arrays, as_model_layout, resolve_model
 from crossbow_jax.models.adapters import Model
 
 PREDICT_BATCH = 1024
@@ -75,8 +76,8 @@ class TrainResult:
         batches of `batch_size`, on the first device.
 
         Args:
-            x: (N, ...) inputs as passed to `train` ((N, H, W) images get their
-                channel axis, as in training).
+            x: (N, ...) inputs as passed to `train` ((N, H, W) uint8 images get
+                their channel axis, as in training).
             batch_size: examples per call.
 
         Returns:
@@ -87,12 +88,9 @@ class TrainResult:
                 "this result has no model to predict with; for a run folder of your own "
                 "model, pass it: load_run(folder, model=...)"
             )
-        x = np.asarray(x)
-        if x.ndim == 3 and self.preprocess is not None and self.preprocess.scale is not None:
-            x = x[..., None]  # (N, H, W) images, as in training
-        model, pre = self.model, self.preprocess
-        params, state = self.central
-        fn = _predictor(model, pre)
+        x = as_model_layout(np.asarray(x))  # (N, H, W) uint8 images get a channel, as in train
+        params, state = jax.device_put(self.central)  # placed once, used by every batch
+        fn = _predictor(self.model, self.preprocess)
         out = [np.asarray(fn(params, state, x[i : i + batch_size]))
                for i in range(0, len(x), batch_size)]  # fmt: skip
         return np.concatenate(out) if out else np.zeros((0,))
@@ -115,7 +113,9 @@ class TrainResult:
         )
 
 
+@functools.lru_cache(maxsize=8)
 def _predictor(model: Model, preprocess: Preprocess | None):
+    """The jitted outputs of `model` on raw inputs (compiled once per model and input shape)."""
     def outputs(params, state, x):
         x = preprocess(x, None) if preprocess is not None else x
         return model.apply(params, state, x, train=False)[0]

@@ -19,7 +19,9 @@ import optax
 
 LossFn = Callable[[Any, Any], Any]  # (outputs, labels) -> per-example loss
 MetricsFn = Callable[[Any, Any], dict[str, Any]]  # -> {name: per-example values}
-RESERVED = ("loss", "accuracy")
+RESERVED = ("loss", "accuracy", "count", "step", "epoch", "time", "images_per_second",
+            "reached_target")  # fmt: skip
+"""Names of the engine's own figures and history fields, which a user metric may not take."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

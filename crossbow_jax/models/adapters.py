@@ -10,7 +10,8 @@ Three kinds of model are accepted (`as_model`):
 - a `flax.nnx.Module`: already initialised (its parameters are the starting
   point of every learner); split into parameters, other state (BatchNorm
   statistics) and RNG state with `nnx.split`, switched between modes with
-  `.train()` / `.eval()`; dropout keys come from the engine, per learner
+  `.train()` / `.eval()` (and, when its `__call__` takes one, the mode
+  keyword as for Linen); dropout keys come from the engine, per learner
   and step.
 - a pair `(apply_fn, params)`: `apply_fn(params, x) -> outputs`, a pure
   function with no state and no mode.
@@ -72,14 +73,8 @@ class LinenModel:
     def name(self) -> str:
         return type(self.module).__name__
 
-    def _mode(self, train: bool) -> dict[str, bool]:
-        if self.mode is None:
-            return {}
-        keyword, inverted = self.mode
-        return {keyword: train != inverted}
-
     def init(self, key, x):
-        variables = self.module.init({"params": key, "dropout": key}, x, **self._mode(False))
+        variables = self.module.init({"params": key, "dropout": key}, x, **_mode(self.mode, False))
         return variables["params"], variables.get("batch_stats", {})
 
     def apply(self, params, state, x, *, train: bool, key=None):
@@ -89,10 +84,10 @@ class LinenModel:
         if train:
             rngs = {"dropout": key} if key is not None else {}
             outputs, mutated = self.module.apply(
-                variables, x, mutable=["batch_stats"], rngs=rngs, **self._mode(True)
+                variables, x, mutable=["batch_stats"], rngs=rngs, **_mode(self.mode, True)
             )
             return outputs, mutated.get("batch_stats", {})
-        return self.module.apply(variables, x, **self._mode(False)), state
+        return self.module.apply(variables, x, **_mode(self.mode, False)), state
 
     def variables(self, params, state) -> dict[str, Any]:
         return {"params": params, "batch_stats": state} if state else {"params": params}
@@ -120,12 +115,14 @@ class NNXModel:
     rngs: Any  # nnx.State of the RNG streams (re-keyed every step)
     state: Any  # nnx.State of everything else (BatchNorm statistics, ...)
     name: str = "nnx.Module"
+    mode: tuple[str, bool] | None = None  # a mode keyword of __call__, as for Linen
     given = True  # the module arrives initialised
 
     @staticmethod
-    def of(module: nnx.Module) -> NNXModel:
+    def of(module: nnx.Module, mode_keyword: str | None = None) -> NNXModel:
         graphdef, params, rngs, state = nnx.split(module, nnx.Param, nnx.RngState, ...)
-        return NNXModel(graphdef, params, rngs, state, type(module).__name__)
+        mode = _call_mode(module, mode_keyword)
+        return NNXModel(graphdef, params, rngs, state, type(module).__name__, mode)
 
     def init(self, key, x):
         return self.params, self.state
@@ -138,8 +135,9 @@ class NNXModel:
             return jax.tree.unflatten(tree, leaves)
         out = []
         for i, leaf in enumerate(leaves):
-            if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-                out.append(jax.random.fold_in(jax.random.wrap_key_data(key), i))
+            if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):  # any shape (split streams)
+                base = jax.random.fold_in(jax.random.wrap_key_data(key), i)
+                out.append(jax.random.split(base, max(leaf.size, 1)).reshape(leaf.shape))
             else:
                 out.append(jax.numpy.zeros_like(leaf))
         return jax.tree.unflatten(tree, out)
@@ -153,7 +151,7 @@ class NNXModel:
             module.train()
         else:
             module.eval()
-        outputs = module(x)
+        outputs = module(x, **_mode(self.mode, train))
         if not train:
             return outputs, state
         *_, new_state = nnx.split(module, nnx.Param, nnx.RngState, ...)
@@ -193,26 +191,47 @@ def as_model(model: Any, *, mode_keyword: str | None = None) -> Model:
     """
     if isinstance(model, LinenModel | NNXModel | FunctionModel):
         return model
+    if isinstance(model, type) and issubclass(model, nn.Module | nnx.Module):
+        raise ModelError(f"model is the class {model.__name__}; pass an instance, e.g. "
+                         f"{model.__name__}(...)")  # fmt: skip
     if isinstance(model, nn.Module):
-        return LinenModel(model, _linen_mode(model, mode_keyword))
+        return LinenModel(model, _call_mode(model, mode_keyword))
+    if isinstance(model, nnx.Module):
+        return NNXModel.of(model, mode_keyword)
     if mode_keyword is not None:
         raise ModelError(
-            f"mode_keyword={mode_keyword!r} applies to flax.linen modules only; "
-            f"a {type(model).__name__} switches modes its own way"
+            f"mode_keyword={mode_keyword!r} applies to Linen and NNX modules; "
+            f"a {type(model).__name__} has no modes"
         )
-    if isinstance(model, nnx.Module):
-        return NNXModel.of(model)
     if isinstance(model, tuple | list) and len(model) == 2 and callable(model[0]):
-        name = getattr(model[0], "__name__", "function")
-        return FunctionModel(model[0], jax.tree.map(jax.numpy.asarray, model[1]), name)
+        return _function_model(*model)
     raise ModelError(
         f"model must be a flax.linen.Module, a flax.nnx.Module, a pair (apply_fn, params) "
         f"or a model name, got {type(model).__name__}"
     )
 
 
-def _linen_mode(module: nn.Module, mode_keyword: str | None) -> tuple[str, bool] | None:
-    """The mode keyword of a Linen module's `__call__`: the one named, else a recognised one."""
+def _function_model(apply_fn, params) -> FunctionModel:
+    owner = getattr(apply_fn, "__self__", None)
+    if isinstance(apply_fn, nn.Module) or isinstance(owner, nn.Module):
+        raise ModelError(
+            "model is a pair (Linen module or its apply, variables); pass the module alone: the "
+            "engine initialises it and keeps its BatchNorm statistics and modes"
+        )
+    params = jax.tree.map(jax.numpy.asarray, params)
+    return FunctionModel(apply_fn, params, getattr(apply_fn, "__name__", "function"))
+
+
+def _mode(mode: tuple[str, bool] | None, train: bool) -> dict[str, bool]:
+    """The mode keyword's value for training or evaluation ({} without one)."""
+    if mode is None:
+        return {}
+    keyword, inverted = mode
+    return {keyword: train != inverted}
+
+
+def _call_mode(module: Any, mode_keyword: str | None) -> tuple[str, bool] | None:
+    """The mode keyword of a module's `__call__`: the one named, else a recognised one."""
     parameters = inspect.signature(type(module).__call__).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     if mode_keyword is not None:
@@ -242,7 +261,10 @@ def import_model(path: str) -> Any:
     try:
         found = importlib.import_module(module_name)
     except ImportError as e:
-        raise ModelError(f"cannot import {module_name!r} for --model {path}: {e}") from None
+        raise ModelError(
+            f"cannot import {module_name!r} for --model {path} ({e}); is its folder on "
+            "PYTHONPATH?"
+        ) from None
     for name in attribute.split("."):
         if not hasattr(found, name):
             raise ModelError(f"{module_name} has no {attribute!r} (from --model {path})")
