@@ -372,9 +372,9 @@ def test_an_nnx_module_with_a_mode_keyword_gets_it():
 
 
 def test_nnx_rng_streams_of_any_shape_are_rekeyed_in_shape():
-    from crossbow_jax.models.adapters import NNXModel
-
     import dataclasses
+
+    from crossbow_jax.models.adapters import NNXModel
 
     model = NNXModel.of(NNXNet(0.5, nnx.Rngs(0)))
     # Streams split over 3 stacked layers (as nnx.vmap / nnx.scan over layers makes them).
@@ -439,3 +439,26 @@ def test_options_that_cannot_take_effect_are_refused(no_work):
         with pytest.raises(crossbow_jax.ConfigError, match=match):
             crossbow_jax.train("lenet" if "mode_keyword" in options else MLP(), TRAIN, TEST,
                                epochs=1, **RUN, **options)  # fmt: skip
+
+
+def test_a_layer_fixed_in_training_mode_without_a_mode_keyword_is_named(no_work):
+    class AlwaysDropout(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(4)(nn.Dropout(0.5, deterministic=False)(nn.Dense(8)(x)))
+
+    with pytest.raises(crossbow_jax.ConfigError, match="has Dropout but its __call__ takes none"):
+        crossbow_jax.train(AlwaysDropout(), TRAIN, TEST, epochs=1, **RUN)
+
+
+def test_load_run_checks_the_model_and_predict_checks_the_inputs(tmp_path):
+    kw = dict(RUN, checkpoint_dir=str(tmp_path / "run"))
+    r = crossbow_jax.train(MLP(), TRAIN, TEST, epochs=1, **kw)
+    with pytest.raises(crossbow_jax.ConfigError, match=r"predict takes inputs like the training "
+                       r"inputs, \(N, 8\); got shape \(8,\)"):  # fmt: skip
+        r.predict(TEST[0][0])
+    with pytest.raises(crossbow_jax.ConfigError, match=r"the model differs from the one .* was "
+                       r"trained with \(\['Dense_0'\]\['bias'\] was float32\[4\]"):  # fmt: skip
+        crossbow_jax.load_run(tmp_path / "run", model=MLP(classes=5))
+    bare = crossbow_jax.load_run(tmp_path / "run")
+    assert set(bare.params) == {"params", "state"} and "Dense_1" in bare.params["params"]

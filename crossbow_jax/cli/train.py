@@ -124,5 +124,6 @@ def result_line(result) -> str:
     chosen = " (auto)" if cfg.learners_per_device == "auto" else ""
     learners = f"{m} learner{'s' if m != 1 else ''}{chosen}"
     layout = f"{learners} x batch {b}" if cfg.algorithm == "sma" else f"batch {m} x {b}{chosen}"
-    parts.append(f"{cfg.algorithm}, {result.devices} devices x {layout}, {result.steps} steps")
+    devices = f"{result.devices} device{'s' if result.devices != 1 else ''}"
+    parts.append(f"{cfg.algorithm}, {devices} x {layout}, {result.steps} steps")
     return "result: " + " | ".join(parts)

@@ -13,7 +13,9 @@ resume leaves the folder as it was.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from typing import Any
 
@@ -147,12 +149,13 @@ class Checkpointer:
         target = jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), like
         )
-        out = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), record=ocp.args.JsonRestore()
-            ),
-        )
+        with _quiet_orbax():
+            out = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target), record=ocp.args.JsonRestore()
+                ),
+            )
         return out["state"], dict(out["record"])
 
     def close(self) -> None:
@@ -179,9 +182,36 @@ def _manager(directory: str) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(folder)
 
 
+def check_same_model(directory: str, params: Any) -> None:
+    """Refuses a model whose parameter tree (one learner's) is not the run folder's."""
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        saved = json.load(f).get("fingerprint_model")
+    now = fingerprint(params)
+    if saved is not None and saved != now:
+        raise ConfigError(
+            f"the model differs from the one {directory!r} was trained with "
+            f"({describe_difference(saved, now)}); pass the run's model"
+        )
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Orbax logs a warning for every item of a checkpoint that is not restored."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def read_record(directory: str) -> dict[str, Any]:
     """The JSON record of a run folder's latest checkpoint (step, history, run summary)."""
-    with _manager(directory) as manager:
+    with _manager(directory) as manager, _quiet_orbax():
         step = _latest(manager, directory)
         out = manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))
     return dict(out["record"])
@@ -198,7 +228,7 @@ def read_central(directory: str, like: Any = None) -> tuple[dict[str, Any], Any]
     Raises:
         ConfigError: no checkpoint in the folder, or one without a central model.
     """
-    with _manager(directory) as manager:
+    with _manager(directory) as manager, _quiet_orbax():
         step = _latest(manager, directory)
         if "central" not in manager.item_metadata(step):
             raise ConfigError(

@@ -40,8 +40,8 @@ def check_run(
     """
     pair = np.concatenate([data.example] * 2)  # two examples: per-example shapes show
     sample = data.preprocess(pair, None)
+    check_mode(model, sample)  # first: a layer fixed in one mode may fail the runs below
     params, state, outputs = _run_model(model, sample, data)
-    check_mode(model, sample)
     check_parameters(params)
     task = _task(config, np.concatenate([data.label_example] * 2), outputs, loss_fn, metrics_fn)
     default = task.classification and loss_fn is None  # labels must index the outputs
@@ -92,7 +92,10 @@ def check_mode(model: Model, sample) -> None:
     """A Linen model with Dropout or BatchNorm needs a mode keyword, or it trains in one mode."""
     if not isinstance(model, LinenModel) or model.mode is not None:
         return
-    layers = model.stateful_layers(sample)
+    try:
+        layers = model.stateful_layers(sample)
+    except Exception:  # noqa: BLE001 -- the model does not run at all: `_run_model` says why
+        return
     if layers:
         raise ConfigError(
             f"{model.name} has {' and '.join(layers)} but its __call__ takes none of train, "
@@ -129,8 +132,10 @@ def _task(config, labels: np.ndarray, outputs, loss_fn, metrics_fn) -> Task:
         except Exception as e:  # noqa: BLE001 -- the user's function failed
             raise ConfigError(f"{name} failed on the model's outputs: {_first_line(e)}") from None
         values = {"loss": got} if name == "loss_fn" else got
-        if name == "metrics_fn" and (not isinstance(values, dict) or set(values) & set(RESERVED)
-                                     or any(str(k).startswith("test_") for k in values)):  # fmt: skip
+        taken = isinstance(values, dict) and (
+            set(values) & set(RESERVED) or any(str(k).startswith("test_") for k in values)
+        )
+        if name == "metrics_fn" and (not isinstance(values, dict) or taken):
             raise ConfigError(
                 "metrics_fn must return a dict {name: per-example values} whose names are not "
                 f"{', '.join(RESERVED)} or test_* (the engine's own), got {values!r}"

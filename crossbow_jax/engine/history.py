@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -17,6 +18,16 @@ from crossbow_jax.engine.progress import progress
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class Dispatch(NamedTuple):
+    """A dispatch as the host saw it: its chunk, its metrics (device arrays), when its call
+    began, and when it was seen finished at the call's return (None: still running)."""
+
+    chunk: Chunk
+    metrics: Any
+    called_at: float
+    ready_at: float | None
 
 
 class History:
@@ -75,32 +86,48 @@ class History:
         """Training time counts again from now (after an evaluation or a checkpoint)."""
         self.tick = time.perf_counter()
 
-    def dispatched(self, chunk: Chunk, metrics) -> tuple[Chunk, Any, float | None]:
-        """Notes a dispatch right after its device call returned: the call's metrics, and the
-        time when they were already computed (a call that ran to its end), else None."""
+    def dispatched(self, chunk: Chunk, metrics, called_at: float) -> Dispatch:
+        """Notes a dispatch right after its device call returned (`called_at`: when the call
+        began); a call that ran to its end is noted as finished then."""
         ready = all(x.is_ready() for x in jax.tree.leaves(metrics))
-        return chunk, metrics, time.perf_counter() if ready else None
+        return Dispatch(chunk, metrics, called_at, time.perf_counter() if ready else None)
 
-    def add_dispatches(self, done: list[tuple[Chunk, Any, float | None]], *,
-                       evaluation_follows: bool = False) -> None:  # fmt: skip
+    def add_dispatches(
+        self, done: list[Dispatch], *, next_one: Dispatch | None = None,
+        evaluation_follows: bool = False,
+    ) -> None:  # fmt: skip
         """Reads finished dispatches' metrics (waiting for them) and logs one row each.
 
         A dispatch's training time runs from the end of the previous one (or
         from `restart_clock`, after an evaluation or a checkpoint) to the
-        moment its metrics were seen computed. With `evaluation_follows`,
-        the last row is reported (callback, progress) only once
-        `add_evaluation` has added the test figures: once per row.
+        moment it was seen finished: when its call returned, for a call that
+        ran to its end, else when its metrics were read; and no later than
+        the start of a following call that ran to its end (the device runs
+        dispatches in order). With `evaluation_follows`, the last row is
+        reported (callback, progress) only once `add_evaluation` has added the
+        test figures: once per row.
 
         Args:
             done: `dispatched(...)` notes, in the order the dispatches ran.
+            next_one: the note of the dispatch queued after them, if any.
 
         Raises:
             TrainingDiverged: a loss is NaN or infinite.
         """
-        for i, (chunk, metrics, ready_at) in enumerate(done):
-            metrics = mapping.first_device(metrics)
-            end = ready_at or time.perf_counter()
-            seconds = max(end - self.tick, 1e-9)
+        read = []
+        for note in done:
+            figures = mapping.first_device(note.metrics)
+            read.append((note, figures, note.ready_at or time.perf_counter()))
+        bound = math.inf
+        if next_one is not None and next_one.ready_at is not None:
+            bound = next_one.called_at
+        ends = []
+        for note, _, seen in reversed(read):
+            ends.append(min(seen, bound))
+            bound = min(ends[-1], note.called_at if note.ready_at is not None else math.inf)
+        for i, ((note, metrics, _), end) in enumerate(zip(read, reversed(ends))):
+            chunk = note.chunk
+            seconds = max(end - self.tick, 1e-6)
             self.train_seconds += seconds
             self.tick = max(self.tick, end)
             self._check_finite(chunk, np.asarray(metrics["loss"]))
@@ -117,7 +144,7 @@ class History:
                 "time": self.elapsed(),
             }
             self.rows.append(row)
-            if not (evaluation_follows and i == len(done) - 1):
+            if not (evaluation_follows and i == len(read) - 1):
                 self._report(row)
 
     def _check_finite(self, chunk: Chunk, loss: np.ndarray) -> None:

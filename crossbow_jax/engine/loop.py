@@ -125,6 +125,7 @@ def fit(
                 preprocess=data.preprocess,
                 model=model,
                 central=central,
+                input_shape=data.example.shape[1:],
             )
 
         timer = CheckpointTimer(config.checkpoint_minutes if checkpointer else 0.0)
@@ -134,12 +135,13 @@ def fit(
             if chunk.epoch != epoch:
                 epoch = chunk.epoch
                 setup.train_data.start_epoch(epoch, [c for c in plan if c.epoch == epoch])
+            called_at = time.perf_counter()
             state, metrics = dispatch[chunk.length](state, *setup.train_data.args(chunk))
-            current = history.dispatched(chunk, metrics)
+            current = history.dispatched(chunk, metrics, called_at)
             due = timer.due()  # a timed checkpoint
             if not (chunk.evaluate or chunk.checkpoint or due or chunk is plan[-1]):
-                if pending:
-                    history.add_dispatches([pending])  # the previous dispatch, one late
+                if pending:  # the previous dispatch, read one late
+                    history.add_dispatches([pending], next_one=current)
                 pending = current
                 continue
             evaluate_now = chunk.evaluate and test is not None

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from crossbow_jax.data.preprocess import Preprocess
-from crossbow_jax.engine.checkpoint import read_central, read_record
+from crossbow_jax.engine.checkpoint import check_same_model, read_central, read_record
 from crossbow_jax.engine.config import ConfigError, TrainConfig
 from crossbow_jax.engine.inputs import Arrays, as_model_layout, resolve_model
 from crossbow_jax.models.adapters import Model
@@ -68,6 +68,7 @@ class TrainResult:
     preprocess: Preprocess | None = None
     model: Model | None = dataclasses.field(default=None, compare=False)
     central: tuple[Any, Any] | None = dataclasses.field(default=None, compare=False)
+    input_shape: tuple[int, ...] | None = None  # one training input, for `predict`
 
     def predict(self, x, batch_size: int = PREDICT_BATCH) -> np.ndarray:
         """The central model's outputs on raw inputs like the training data.
@@ -89,6 +90,11 @@ class TrainResult:
                 "model, pass it: load_run(folder, model=...)"
             )
         x = as_model_layout(np.asarray(x))  # (N, H, W) uint8 images get a channel, as in train
+        if self.input_shape is not None and x.shape[1:] != tuple(self.input_shape):
+            raise ConfigError(
+                f"predict takes inputs like the training inputs, (N, "
+                f"{', '.join(map(str, self.input_shape))}); got shape {x.shape}"
+            )
         params, state = jax.device_put(self.central)  # placed once, used by every batch
         fn = _predictor(self.model, self.preprocess)
         out = [np.asarray(fn(params, state, x[i : i + batch_size]))
@@ -147,15 +153,17 @@ def load_run(folder: str | os.PathLike, model: Any = None) -> TrainResult:
         folder: the run folder (`checkpoint_dir`, the command's `--output`).
         model: the model the run trained, when it is not a named model
             (a Linen or NNX module, or `(apply_fn, params)`: only its structure
-            is used); None for a named model, or to read the variables alone
-            (`params` as saved, and no `predict`).
+            is used, and it must match the run's); None for a named model, or
+            to read the variables alone (`params` as `{"params": ...,
+            "state": ...}` nested dicts, and no `predict`).
 
     Returns:
         A `TrainResult` as the run would have returned at that checkpoint
         (`params`, `accuracy`, `test_loss`, `history`, `config`, `steps`, ...).
 
     Raises:
-        ConfigError: no checkpoint, or one written before central models were saved.
+        ConfigError: no checkpoint, one written before central models were saved,
+            or a `model` other than the run's (saying what differs).
     """
     folder = os.fspath(folder)
     record = read_record(folder)
@@ -178,11 +186,12 @@ def load_run(folder: str | os.PathLike, model: Any = None) -> TrainResult:
             like = adapter.init(None, None)
         else:
             like = jax.eval_shape(adapter.init, jax.random.PRNGKey(0), pre(example, None))
+        check_same_model(folder, like[0])
     _, central = read_central(folder, like)
     rows = record["history"]
     tested = [r for r in rows if "test_loss" in r]
     return TrainResult(
-        params=adapter.variables(*central) if adapter else central,
+        params=adapter.variables(*central) if adapter else dict(zip(("params", "state"), central)),
         accuracy=next((r["test_accuracy"] for r in reversed(tested) if "test_accuracy" in r), None),
         history=rows,
         time_to_accuracy=next((r["time"] for r in rows if r.get("reached_target")), None),
@@ -198,4 +207,5 @@ def load_run(folder: str | os.PathLike, model: Any = None) -> TrainResult:
         preprocess=pre,
         model=adapter,
         central=tuple(central) if adapter else None,
+        input_shape=tuple(run["example"]["shape"][1:]),
     )
