@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from crossbow_jax.engine import mapping
+from crossbow_jax.engine.inputs import as_engine_dtype
 from crossbow_jax.engine.plan import Chunk, Layout
 
 
@@ -50,11 +51,6 @@ class ArraySource:
             yield self.x[rows], self.y[rows]
 
 
-def _labels(y: np.ndarray) -> np.ndarray:
-    """Labels as the engine keeps them: integers as int32, the rest as they are."""
-    return y.astype(np.int32) if np.issubdtype(y.dtype, np.integer) else y
-
-
 def as_device_chunk(batches: list[tuple[np.ndarray, np.ndarray]], layout: Layout, mesh):
     """(L steps of P images) -> device arrays (devices, L, learners, batch, ...)."""
     d, m, b = layout.devices, layout.learners, layout.batch
@@ -65,7 +61,7 @@ def as_device_chunk(batches: list[tuple[np.ndarray, np.ndarray]], layout: Layout
         return np.moveaxis(shaped, 1, 0)
 
     xs = arrange([x for x, _ in batches])
-    ys = arrange([_labels(y) for _, y in batches])
+    ys = arrange([as_engine_dtype(y) for _, y in batches])
     return mapping.put_on_devices((xs, ys), mesh)
 
 

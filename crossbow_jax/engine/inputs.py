@@ -65,7 +65,7 @@ def _pair(value: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
         )
     if len(x) == 0:
         raise ConfigError(f"{what} set is empty")
-    return _as_engine_dtype(x, what, "inputs"), _as_engine_dtype(y, what, "labels")
+    return as_engine_dtype(x, what, "inputs"), as_engine_dtype(y, what, "labels")
 
 
 def as_model_layout(x: np.ndarray) -> np.ndarray:
@@ -74,7 +74,7 @@ def as_model_layout(x: np.ndarray) -> np.ndarray:
     return x[..., None] if x.ndim == 3 and x.dtype == np.uint8 else x
 
 
-def _as_engine_dtype(a: np.ndarray, what: str, part: str) -> np.ndarray:
+def as_engine_dtype(a: np.ndarray, what: str = "fed", part: str = "labels") -> np.ndarray:
     """uint8 stays uint8 (pixels); other integers become int32, floats and bools float32."""
     if a.dtype == np.uint8 and part == "inputs":
         return a

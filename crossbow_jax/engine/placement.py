@@ -19,7 +19,7 @@ import numpy as np
 from crossbow_jax.engine import mapping
 from crossbow_jax.engine.config import ConfigError, TrainConfig
 from crossbow_jax.engine.feed import ArraySource, Feeder
-from crossbow_jax.engine.inputs import Arrays
+from crossbow_jax.engine.inputs import Arrays, as_engine_dtype
 from crossbow_jax.engine.optimizers import milestone_steps
 from crossbow_jax.engine.plan import Chunk, Layout
 
@@ -152,7 +152,7 @@ class TestData:
         devices = self.mesh.size
         out = []
         for x, y in self.stream(devices * EVAL_CHUNK).epoch(0):
-            x, y, mask = shard_test_set(x, y.astype(np.int32), devices, chunk=EVAL_CHUNK)
+            x, y, mask = shard_test_set(x, as_engine_dtype(y), devices, chunk=EVAL_CHUNK)
             out.append(mapping.put_on_devices((x, y, mask), self.mesh))
             if limit and len(out) >= limit:
                 break
