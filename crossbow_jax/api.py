@@ -4,9 +4,12 @@ chosen (the tuner, for "auto"), then the engine's loop (`crossbow_jax.engine.fit
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from typing import Any
+
+import jax
 
 from crossbow_jax.engine import TrainResult, fit
 from crossbow_jax.engine.checkpoint import Checkpointer
@@ -14,7 +17,9 @@ from crossbow_jax.engine.checks import check_run
 from crossbow_jax.engine.config import make_config, refuse_ignored_options
 from crossbow_jax.engine.inputs import resolve
 from crossbow_jax.models import get_spec
-from crossbow_jax.tuning import choose_learners
+from crossbow_jax.tuning import choose_learners, report
+from crossbow_jax.tuning.executions import auto_execution
+from crossbow_jax.tuning.online import OnlineTuner
 
 
 def train(
@@ -89,15 +94,26 @@ def train(
         module, data, mesh = resolve(config, model, train, test, data_dir=data_dir, augment=augment)
         task = check_run(config, module, optimizer, data, loss_fn=loss_fn, metrics_fn=metrics_fn)
         started = time.perf_counter()
-        m, tuning = config.learners_per_device, None
-        if m == "auto":
+        name = model if isinstance(model, str) else module.name
+        m, tuning, tuner = config.learners_per_device, None, None
+        config, executions = auto_execution(  # "auto": measured here, or read from the cache
+            config, module, optimizer, data, mesh, task, log=print if config.progress else None
+        )
+        if m == "auto" and config.tune_mode == "online":
+            device = mesh.devices.flat[0]
+            tuner = OnlineTuner(
+                config, mesh.size, data.num_train, platform=device.platform,
+                device_kind=getattr(device, "device_kind", ""), model=name,
+                log=print if config.progress and jax.process_index() == 0 else None,
+            )  # fmt: skip
+            m = 1
+        elif m == "auto":
             resuming = config.resume and checkpointer.latest_step() is not None
             tuning = choose_learners(
-                config, module, optimizer, data, mesh, task,
-                name=model if isinstance(model, str) else module.name, reuse=resuming,
-            )  # fmt: skip
+                config, module, optimizer, data, mesh, task, name=name, reuse=resuming
+            )
             m = tuning["chosen"]
-        return fit(
+        result = fit(
             config,
             module,
             optimizer,
@@ -109,4 +125,9 @@ def train(
             callback=callback,
             tuning=tuning,
             started=started,
+            tuner=tuner,
         )
+        result.executions = executions
+        if tuner and config.checkpoint_dir and jax.process_index() == 0:
+            report.write_json(result.tuning, os.path.join(config.checkpoint_dir, report.JSON_FILE))
+        return result

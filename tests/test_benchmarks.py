@@ -12,7 +12,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-BENCHMARKS = ["engine_overhead", "learner_efficiency"]
+BENCHMARKS = ["engine_overhead", "learner_efficiency", "gpu_check"]
 STAMP = {"benchmark", "quick", "device", "platform", "jax", "date"}
 
 
@@ -39,5 +39,20 @@ def test_quick_mode_runs_and_writes_json(name, tmp_path):
     if name == "engine_overhead":
         ratios = {row["ratio"] for row in rows if row["variant"] == "ratio"}
         assert {"loop / bare", "SMA / plain step time (unroll)"} <= ratios
+    elif name == "learner_efficiency":
+        assert {row["variant"] for row in rows} == {"vmap", "unroll", "im2col", "bound", "auto"}
+        assert all(
+            r["chosen"] in ("vmap", "unroll", "im2col") for r in rows if r["variant"] == "auto"
+        )
     else:
-        assert {row["variant"] for row in rows} == {"vmap", "unroll", "bound"}
+        sections = {row["section"]: row for row in rows}
+        assert set(sections) == {"efficiency", "auto", "sma", "online"}
+        assert {r["variant"] for r in rows if r["section"] == "efficiency"} == {
+            "vmap",
+            "unroll",
+            "im2col",
+            "bound",
+        }
+        assert sections["online"]["curve"] and sections["online"]["accuracy"] >= 0.9
+        assert sections["sma"]["ratio"] > 0
+        assert (tmp_path / "gpu_check-quick.md").read_text().startswith("# gpu_check")

@@ -475,9 +475,10 @@ def test_engine_trains_on_streamed_imagenet_folder(foolbox_wheel, tmp_path):
         tune_steps=1,
         tune_repeats=1,
         num_devices=2,
-        epochs=1,
+        epochs=4,  # online: 1 learner for 4 steps, then 2 from the next epoch (4 images left)
         progress=False,
     )
+    assert [r["learners"] for r in tuned.tuning["curve"]] == [1, 2]
     assert tuned.tuning["chosen"] in (1, 2) and tuned.learners_per_device == tuned.tuning["chosen"]
     assert all(row["status"] == "ok" for row in tuned.tuning["curve"])
     with pytest.raises(crossbow_jax.ConfigError, match="streamed from files"):

@@ -1,5 +1,6 @@
 """The training engine: learning, layouts, mappers, determinism, schedules."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +12,7 @@ import crossbow_jax
 from crossbow_jax.data.preprocess import crop_flip
 from crossbow_jax.engine.config import TrainConfig
 from crossbow_jax.engine.optimizers import learning_rate_schedule
-from crossbow_jax.engine.plan import Layout, plan_chunks
+from crossbow_jax.engine.plan import Clock, Layout, Position, plan_chunks
 from crossbow_jax.engine.programs import Compiler
 from crossbow_jax.engine.step import batch_indices
 
@@ -73,6 +74,28 @@ def test_vmap_and_unrolled_execution_agree():
     b = crossbow_jax.train(MLP(), TRAIN, TEST, execution="unroll", **kw)
     for x, y in zip(leaves(a.params), leaves(b.params)):
         np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-5)
+
+
+class SmallCNN(nn.Module):
+    """Strided, dilated and grouped convolutions with BatchNorm: what im2col must rewrite."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Conv(4, (3, 3), padding="SAME")(x))  # 8x8
+        x = nn.Conv(4, (3, 3), kernel_dilation=2, padding="VALID", feature_group_count=2)(x)
+        x = nn.relu(nn.Conv(4, (2, 2), strides=2, padding=((0, 1), (1, 0)))(x))  # 4x4 -> 2x2
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        return nn.Dense(3)(jnp.mean(nn.relu(x), axis=(1, 2)))
+
+
+def test_im2col_execution_trains_like_vmap():
+    x, y = tiny_images(192)
+    kw = dict(batch_size=4, learners_per_device=3, epochs=1, num_devices=2, **FAST)
+    runs = {e: crossbow_jax.train(SmallCNN(), (x[:160], y[:160]), (x[160:], y[160:]),
+                                  execution=e, **kw) for e in ("vmap", "im2col")}  # fmt: skip
+    for a, b in zip(leaves(runs["vmap"].params), leaves(runs["im2col"].params)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+    assert runs["im2col"].config.execution == "im2col"
 
 
 def test_ssgd_is_one_learner_per_device_at_batch_m_times_b():
@@ -183,7 +206,8 @@ def test_reset_at_drops_puts_every_learner_on_z(monkeypatch):
 def test_batch_indices_are_disjoint_and_cover_the_epoch():
     lay = Layout(devices=3, learners=2, batch=4)
     perm = jnp.asarray(np.random.default_rng(0).permutation(72), jnp.int32)
-    rows = [np.asarray(batch_indices(perm, t, d, lay)) for t in range(3) for d in range(3)]
+    offsets = [t * lay.images_per_step for t in range(3)]  # images of the epoch consumed
+    rows = [np.asarray(batch_indices(perm, o, d, lay)) for o in offsets for d in range(3)]
     assert all(r.shape == (2, 4) for r in rows)
     everything = np.concatenate([r.ravel() for r in rows])
     assert sorted(everything.tolist()) == list(range(72))
@@ -201,7 +225,7 @@ def test_schedule_warms_up_and_drops_at_epoch_milestones():
     cfg = TrainConfig(
         learning_rate=0.1, lr_milestones=(2, 3), lr_gamma=0.1, warmup_epochs=1, epochs=4
     )
-    lr = learning_rate_schedule(cfg, steps_per_epoch=10)
+    lr = learning_rate_schedule(cfg, Clock(Position(), images_per_step=10, num_train=100))
     assert float(lr(0)) == pytest.approx(0.01)
     assert float(lr(9)) == pytest.approx(0.1)
     assert float(lr(19)) == pytest.approx(0.1)
@@ -213,11 +237,12 @@ def test_plan_cuts_chunks_at_epochs_evals_and_checkpoints():
     cfg = TrainConfig(
         steps_per_dispatch=4, eval_every=6, checkpoint_every=5, checkpoint_dir="/tmp/x", epochs=2
     )
-    chunks = plan_chunks(0, 20, 10, cfg, cfg.steps_per_dispatch)
+    chunks = plan_chunks(Clock(Position(), 10, 100), 20, cfg, cfg.steps_per_dispatch)
     assert [c.end for c in chunks] == [4, 5, 6, 10, 12, 15, 18, 20]
     assert [c.end for c in chunks if c.evaluate] == [6, 10, 12, 18, 20]
     assert [c.end for c in chunks if c.checkpoint] == [5, 10, 15, 20]
-    assert [c.position for c in chunks] == [0, 4, 5, 6, 0, 2, 5, 8]
+    assert [c.offset for c in chunks] == [0, 40, 50, 60, 0, 20, 50, 80]  # images
+    assert [c.epochs for c in chunks][3] == 1.0 and chunks[-1].epochs == 2.0
     assert sum(c.length for c in chunks) == 20
 
 

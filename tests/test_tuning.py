@@ -205,6 +205,7 @@ def test_train_auto_tunes_then_trains_and_reports(tmp_path):
         "progress": False,
         "steps_per_dispatch": 4,
         "checkpoint_dir": str(tmp_path / "run"),
+        "tune_mode": "trials",
     }
     r = crossbow_jax.train(MLP(), TINY_TRAIN, TINY_TEST, epochs=2, **kw)
     t = r.tuning

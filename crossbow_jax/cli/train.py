@@ -77,6 +77,7 @@ def summary(result, **extra: Any) -> dict[str, Any]:
         "learners_per_device",
         "devices",
         "tuning",
+        "executions",
     )
     out = dict(extra, **{name: getattr(result, name) for name in fields})
     out["processes"] = jax.process_count()
@@ -126,4 +127,7 @@ def result_line(result) -> str:
     layout = f"{learners} x batch {b}" if cfg.algorithm == "sma" else f"batch {m} x {b}{chosen}"
     devices = f"{result.devices} device{'s' if result.devices != 1 else ''}"
     parts.append(f"{cfg.algorithm}, {devices} x {layout}, {result.steps} steps")
+    auto = " (measured)" if result.executions and not result.executions.get("cached") else ""
+    auto = " (cached choice)" if result.executions and result.executions.get("cached") else auto
+    parts.append(f"execution {cfg.execution}{auto}")
     return "result: " + " | ".join(parts)

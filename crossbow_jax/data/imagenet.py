@@ -292,20 +292,24 @@ class ImageNetSource:
             path, image_size=self.image_size, crop=self.crop, resize=self.resize or None, rng=rng
         )
 
-    def epoch(self, epoch: int = 0, start_batch: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def epoch(
+        self, epoch: int = 0, start_batch: int = 0, *, start_image: int | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yields the batches of one pass over the split.
 
         Args:
             epoch: Selects the shuffle order and random crops.
             start_batch: Skip the batches before this one (to resume mid-epoch).
+            start_image: Skip this many images of the pass instead (batches then
+                begin there; used when a run changes its batch mid-epoch).
         """
         order = np.arange(len(self))
         if self.shuffle:
             np.random.default_rng([self.seed, epoch]).shuffle(order)
-        batches = [
-            order[i : i + self.batch_size]
-            for i in range(0, self.num_batches * self.batch_size, self.batch_size)
-        ][start_batch:]
+        first = start_batch * self.batch_size if start_image is None else start_image
+        n, b = len(self), self.batch_size
+        end = first + ((n - first) // b if self.drop_remainder else -(-(n - first) // b)) * b
+        batches = [order[i : min(i + b, n)] for i in range(first, end, b)]
         pool = concurrent.futures.ThreadPoolExecutor(
             self.num_workers, thread_name_prefix="imagenet-decode"
         )

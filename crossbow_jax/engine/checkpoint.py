@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from crossbow_jax.engine.config import ConfigError, TrainConfig, check_writable
+from crossbow_jax.engine.config import ELASTIC_FIELDS, ConfigError, TrainConfig, check_writable
 
 CONFIG_FILE = "config.json"
 FINGERPRINTS = {
@@ -91,11 +91,15 @@ class Checkpointer:
         identity = self.identity
         keys = set(settings) | set(identity)
         diff = sorted(k for k in keys if settings.get(k) != identity.get(k))
+        if config.elastic:
+            diff = [k for k in diff if k not in ELASTIC_FIELDS]
         if diff:
             changes = ", ".join(f"{k}: {settings.get(k)!r} -> {identity.get(k)!r}" for k in diff)
+            hardware = all(k in ELASTIC_FIELDS for k in diff)
+            hint = ", or elastic=True (--elastic) to resume on other hardware" if hardware else ""
             raise ConfigError(
                 f"cannot resume {self.directory} with another config ({changes}); "
-                "use the original settings or a new folder"
+                f"use the original settings{hint}, or a new folder"
             )
         return saved
 
@@ -157,6 +161,41 @@ class Checkpointer:
                 ),
             )
         return out["state"], dict(out["record"])
+
+    def latest_record(self) -> dict[str, Any]:
+        """The JSON record of the latest checkpoint (step, position, history, ...)."""
+        with _quiet_orbax():
+            out = self._manager.restore(
+                self.latest_step(), args=ocp.args.Composite(record=ocp.args.JsonRestore())
+            )
+        return dict(out["record"])
+
+    def restore_as_saved(self, like: Any) -> Any:
+        """The latest checkpoint's state as NumPy arrays of the shapes they were saved with.
+
+        Args:
+            like: a state of the same structure (its shapes may differ: another
+                number of devices or learners).
+        """
+        step = self.latest_step()
+        folder = os.path.join(self.directory, "checkpoints", str(step), "state")
+        with ocp.StandardCheckpointer() as reader:
+            saved = reader.metadata(folder).item_metadata
+        saved = getattr(saved, "tree", saved)
+
+        def target(path, leaf):
+            node = saved
+            for entry in path:
+                key = getattr(entry, "name", getattr(entry, "key", getattr(entry, "idx", None)))
+                node = node[key] if not isinstance(node, dict) or key in node else node[str(key)]
+            return np.zeros(node.shape, node.dtype)
+
+        target_tree = jax.tree_util.tree_map_with_path(target, like)
+        with _quiet_orbax():
+            out = self._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target_tree))
+            )
+        return out["state"]
 
     def close(self) -> None:
         self._manager.close()

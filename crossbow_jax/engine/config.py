@@ -32,10 +32,16 @@ from crossbow_jax.engine.options import (
 __all__ = ["ConfigError", "TrainConfig", "check_field", "kind", "make_config"]
 
 ALGORITHMS = ("sma", "ssgd")
-EXECUTIONS = ("auto", "vmap", "unroll")
+EXECUTIONS = ("auto", "vmap", "unroll", "im2col")
 MAPPERS = ("shard_map", "pmap")
 DTYPES = ("float32", "bfloat16")
 TUNE_STRATEGIES = ("linear", "doubling")
+TUNE_MODES = ("online", "trials")
+ELASTIC_FIELDS = (
+    "learners_per_device", "num_devices", "execution", "mapper", "steps_per_dispatch",
+    "unroll_steps", "data_placement",
+)  # fmt: skip
+"""What `elastic=True` lets a resumed run change: its hardware and how it uses it."""
 PLACEMENTS = ("auto", "device", "host")
 
 _L, _O, _S, _E, _R, _T, _M = GROUPS
@@ -116,9 +122,10 @@ class TrainConfig:
     )
     execution: str = option(
         "auto",
-        "how a device runs its learners: vmap over the stacked parameters, or unroll them "
-        "one after another in one program; auto: unroll on CPU, vmap elsewhere "
-        "(docs/performance.md)",
+        "how a device runs its learners: vmap over the stacked parameters; unroll them one "
+        "after another in one program; im2col: vmap with every convolution as patches and "
+        "one batched matmul; auto: the fastest, measured on the run's devices and cached "
+        "(docs/tuning.md)",
         _E, choices=EXECUTIONS,
     )  # fmt: skip
     mapper: str = option(
@@ -163,7 +170,21 @@ class TrainConfig:
         "settings",
         _R, identity=False,
     )  # fmt: skip
+    elastic: bool = option(
+        False,
+        "with resume: the run may continue on other hardware (other devices, learners per "
+        "device, execution); the central model, its momentum, the data position and the "
+        "step count carry over, and every learner restarts from the central model",
+        _R, identity=False,
+    )  # fmt: skip
     progress: bool = option(True, "a progress bar on stderr", _E, identity=False)
+    tune_mode: str = option(
+        "online",
+        "online: train from the first step with 1 learner per device and add learners while "
+        "throughput rises (the paper's tuner: tuning steps are training steps); trials: "
+        "measure settings on throw-away steps before training",
+        _T, choices=TUNE_MODES, identity=False,
+    )  # fmt: skip
     tune_strategy: str = option(
         "linear",
         "linear: add one learner at a time (the paper's rule); doubling: 1, 2, 4, ... then "
@@ -223,6 +244,8 @@ class TrainConfig:
             raise ConfigError(f"lr_milestones={self.lr_milestones} must lie inside (0, epochs)")
         if not self.warmup_epochs < self.epochs:
             raise ConfigError(f"warmup_epochs={self.warmup_epochs} must be in [0, epochs)")
+        if self.elastic and not self.resume:
+            raise ConfigError("elastic=True changes how a run resumes; it needs resume=True")
         if self.resume and not self.checkpoint_dir:
             raise ConfigError("resume=True needs checkpoint_dir (the folder of the run to resume)")
         if self.reset_at_drops and (self.algorithm != "sma" or not self.lr_milestones):

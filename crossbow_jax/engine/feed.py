@@ -27,7 +27,10 @@ class Source(Protocol):
     num_batches: int  # steps per epoch
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yields (images, labels) of one step each, from batch `start_batch` on."""
+        """Yields (images, labels) of one step each, from batch `start_batch` on.
+
+        A source may also take `start_image=` (images of the epoch to skip), which
+        lets a run change its step size mid-epoch."""
         ...
 
 
@@ -44,10 +47,11 @@ class ArraySource:
         self.per_step, self.seed = images_per_step, seed
         self.num_batches = len(x) // images_per_step
 
-    def epoch(self, epoch: int, start_batch: int = 0):
+    def epoch(self, epoch: int, start_batch: int = 0, *, start_image: int | None = None):
         perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.x))
-        for t in range(start_batch, self.num_batches):
-            rows = perm[t * self.per_step : (t + 1) * self.per_step]
+        first = start_batch * self.per_step if start_image is None else start_image
+        for begin in range(first, len(self.x) - self.per_step + 1, self.per_step):
+            rows = perm[begin : begin + self.per_step]
             yield self.x[rows], self.y[rows]
 
 
@@ -88,7 +92,7 @@ class Feeder:
 
     def _work(self, epoch, chunks, out: queue.Queue, stop: threading.Event) -> None:
         try:
-            batches = self.source.epoch(epoch, chunks[0].position)
+            batches = self.source.epoch(epoch, start_image=chunks[0].offset)
             for chunk in chunks:
                 taken = [next(batches) for _ in range(chunk.length)]
                 item = (chunk, as_device_chunk(taken, self.layout, self.mesh))

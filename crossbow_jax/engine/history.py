@@ -12,7 +12,7 @@ import numpy as np
 
 from crossbow_jax.engine import mapping
 from crossbow_jax.engine.config import TrainConfig
-from crossbow_jax.engine.plan import Chunk
+from crossbow_jax.engine.plan import Chunk, Clock
 from crossbow_jax.engine.progress import progress
 
 
@@ -41,7 +41,11 @@ class History:
         rows: rows restored from a checkpoint ([] for a fresh run).
         elapsed_before: seconds the run had taken before a resume.
         started: `time.perf_counter()` at the start of this process's run.
-        images_per_step, steps_per_epoch, total_steps, devices: the run's shape.
+        clock: the run's epochs in steps (`crossbow_jax.engine.plan.Clock`), whose
+            `per_step` images every step takes; `use` changes both when the
+            layout changes.
+        total_steps, devices: the run's length (an estimate while the tuner
+            decides) and its devices.
         callback: called with every row as it is logged.
         checkpoint_dir: the run folder, named when the run diverges.
     """
@@ -53,8 +57,7 @@ class History:
         elapsed_before: float,
         started: float,
         *,
-        images_per_step: int,
-        steps_per_epoch: int,
+        clock: Clock,
         total_steps: int,
         devices: int,
         callback: Callable[[dict[str, Any]], None] | None = None,
@@ -63,8 +66,10 @@ class History:
         self.config, self.rows, self.callback = config, rows, callback
         self.checkpoint_dir = checkpoint_dir
         self.before, self.started = elapsed_before, started
-        self.images_per_step, self.steps_per_epoch = images_per_step, steps_per_epoch
+        self.clock = clock
         self.train_seconds, self.images = 0.0, 0
+        self.samples: list[tuple[int, float, int]] = []  # (images, seconds, steps) per row
+        self.learners: int | None = None  # when set, rows carry "learners_per_device"
         self.step = rows[-1]["step"] if rows else 0
         self.last_accuracy = next(
             (r["test_accuracy"] for r in reversed(rows) if "test_accuracy" in r), None
@@ -75,6 +80,12 @@ class History:
         self.bar = None
         if config.progress:
             self.bar = progress(total_steps, self.step, f"{config.algorithm} x{devices}dev")
+
+    def use(self, clock: Clock, total_steps: int) -> None:
+        """The layout changed: steps take `clock.per_step` images from now on."""
+        self.clock = clock
+        if self.bar is not None:
+            self.bar.total = total_steps
 
     def elapsed(self) -> float:
         return self.before + time.perf_counter() - self.started
@@ -131,18 +142,21 @@ class History:
             self.train_seconds += seconds
             self.tick = max(self.tick, end)
             self._check_finite(chunk, np.asarray(metrics["loss"]))
-            images = chunk.length * self.images_per_step
+            images = chunk.length * self.clock.per_step
             self.images += images
+            self.samples.append((images, seconds, chunk.length))
             self.step = chunk.end
             figures = {"loss": float(np.mean(metrics["loss"]))}
             figures.update({k: float(np.mean(v)) for k, v in metrics.items() if k != "loss"})
             row = {
                 "step": chunk.end,
-                "epoch": round(chunk.end / self.steps_per_epoch, 4),
+                "epoch": round(chunk.epochs, 4),
                 **figures,
                 "images_per_second": images / seconds,
                 "time": self.elapsed(),
             }
+            if self.learners is not None:
+                row["learners_per_device"] = self.learners
             self.rows.append(row)
             if not (evaluation_follows and i == len(read) - 1):
                 self._report(row)
@@ -155,7 +169,7 @@ class History:
         where = f"; the last good checkpoint is in {folder}" if folder else ""
         raise TrainingDiverged(
             f"loss became {loss[~np.isfinite(loss)][0]} at step {bad} (epoch "
-            f"{bad / self.steps_per_epoch:.2f}){where}; lower the learning rate or alpha"
+            f"{self.clock.epochs(bad):.2f}){where}; lower the learning rate or alpha"
         )
 
     def add_evaluation(self, figures: dict[str, float]) -> bool:

@@ -9,10 +9,10 @@ synchronise only to evaluate the central model and to checkpoint.
 from __future__ import annotations
 
 import contextlib
-import math
+import dataclasses
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import numpy as np
@@ -24,11 +24,47 @@ from crossbow_jax.engine.config import TrainConfig
 from crossbow_jax.engine.history import History
 from crossbow_jax.engine.inputs import Arrays
 from crossbow_jax.engine.placement import TestData
-from crossbow_jax.engine.plan import plan_chunks
-from crossbow_jax.engine.programs import prepare
+from crossbow_jax.engine.plan import Clock, Position, layout_for, plan_chunks, run_end
+from crossbow_jax.engine.programs import Setup, prepare
 from crossbow_jax.engine.result import TrainResult, run_summary
 from crossbow_jax.engine.task import Task
 from crossbow_jax.models.adapters import Model
+
+
+class OnlineTuner(Protocol):
+    """What `fit` asks of a tuner that chooses learners per device while training
+    (`crossbow_jax.tuning.online.OnlineTuner`)."""
+
+    deciding: bool  # still measuring settings
+
+    def first(self) -> int:
+        """The setting to start with."""
+
+    def until(self, step: int, steps_per_dispatch: int) -> int:
+        """The step at which the current setting (under way at `step`) is observed."""
+
+    def observe(
+        self, learners: int, samples: list[tuple[int, float, int]], compile_seconds: float
+    ) -> int:
+        """A setting's (images, seconds, steps) per dispatch -> the next setting (the chosen
+        one once decided)."""
+
+    def failed(self, learners: int, error: BaseException) -> int | None:
+        """A setting failed to start: the next setting, or None to raise the error."""
+
+    def report(self) -> dict[str, Any]:
+        """The tuning report so far (JSON): curve, steps at each setting, chosen."""
+
+    def replay(self, report: dict[str, Any]) -> int:
+        """Continues from a checkpoint's report; returns the setting to run now."""
+
+
+class _Stage(NamedTuple):
+    """One layout of learners while it runs: its setup and compiled programs."""
+
+    setup: Setup
+    dispatch: dict[int, Any]  # steps -> compiled dispatch program
+    evaluate: Any  # compiled evaluation program (None without a test set)
 
 
 def fit(
@@ -44,6 +80,7 @@ def fit(
     callback: Callable[[dict[str, Any]], None] | None = None,
     tuning: dict[str, Any] | None = None,
     started: float | None = None,
+    tuner: OnlineTuner | None = None,
 ) -> TrainResult:
     """Trains `learners_per_device` learners on every device of `mesh`; the engine's loop.
 
@@ -53,16 +90,18 @@ def fit(
         optimizer: the learner optimiser, or None for the config's default.
         data: the resolved data (`crossbow_jax.engine.inputs.resolve`).
         mesh: the device mesh.
-        learners_per_device: m (an int: the tuner, if any, has chosen it).
+        learners_per_device: m (an int; with `tuner`, not read).
         task: the loss and figures from `checks.check_run` (None: checked here,
             with the default loss).
         checkpointer: the run folder's `Checkpointer` (None: one is opened
             on `config.checkpoint_dir` when that is set, and closed at the
             end); with `config.resume` the run continues from its latest
-            checkpoint.
+            checkpoint (with `config.elastic`, on another layout).
         callback: called once with every history row.
-        tuning: the tuner's report, kept in the result.
+        tuning: the tuner's report (trials before training), kept in the result.
         started: `time.perf_counter()` when the run started (default: now).
+        tuner: chooses m while training (`OnlineTuner`): the run starts with
+            `tuner.first()` learners and changes layout between real steps.
 
     Returns:
         A `TrainResult`.
@@ -72,42 +111,48 @@ def fit(
     with contextlib.ExitStack() as closing:
         if checkpointer is None and config.checkpoint_dir:
             checkpointer = closing.enter_context(Checkpointer(config.checkpoint_dir, config))
-        setup = prepare(config, model, optimizer, data, mesh, learners_per_device, task)
-        closing.callback(setup.train_data.close)
+        resuming = bool(checkpointer and config.resume and checkpointer.latest_step() is not None)
+        record = checkpointer.latest_record() if resuming else None
+        saved_m = record["run"]["learners_per_device"] if record else None
+        m = tuner.first() if tuner else learners_per_device
+        if tuner and record and not config.elastic and record["run"].get("tuning"):
+            m = tuner.replay(record["run"]["tuning"])
+        elif tuner and record and not config.elastic:
+            m = saved_m
         test = TestData(data, mesh) if data.has_test else None
+        start = _position(record, data, mesh, config, saved_m)
+        setup = prepare(config, model, optimizer, data, mesh, m, task, start)
+        closing.callback(lambda: setup.train_data.close())
         state = setup.compiler.init_state(config.seed, data.example)
-        start, rows, before = 0, [], 0.0
+        rows, before = [], 0.0
         if checkpointer:
+            layout = {"devices": mesh.size, "learners_per_device": "auto" if tuner else m}
             checkpointer.check_and_record(
-                layout={"devices": mesh.size, "learners_per_device": learners_per_device},
+                **({} if config.elastic else {"layout": layout}),
                 model=jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape[2:], p.dtype),
                                    state.params),  # per learner
-                optimizer=state.opt_state,
+                optimizer=_optimizer_shapes(state),
             )  # fmt: skip
-            if config.resume and checkpointer.latest_step() is not None:
-                state, saved = checkpointer.restore(state)
-                start, rows, before = saved["step"], list(saved["history"]), saved["elapsed"]
-        total = max(1, math.ceil(config.epochs * setup.steps_per_epoch))
-        plan = plan_chunks(start, total, setup.steps_per_epoch, config, setup.steps_per_dispatch)
-        lengths = sorted({chunk.length for chunk in plan})
-        compile_train = setup.compiler.train_program
-        dispatch = {n: compile_train(state, setup.train_data, n, setup.unroll) for n in lengths}
-        evaluate = setup.compiler.eval_program(state, test) if test is not None else None
+        if record:
+            state = _restored(checkpointer, setup, state, record, config, mesh, saved_m, m)
+            rows, before = list(record["history"]), record["elapsed"]
         history = History(
             config,
             rows,
             before,
             started,
-            images_per_step=setup.layout.images_per_step,
-            steps_per_epoch=setup.steps_per_epoch,
-            total_steps=total,
+            clock=setup.clock,
+            total_steps=run_end(setup.clock, config.epochs),
             devices=mesh.size,
             callback=callback,
             checkpoint_dir=checkpointer.directory if checkpointer else None,
         )
         closing.callback(history.close)
+        timer = CheckpointTimer(config.checkpoint_minutes if checkpointer else 0.0)
+        stage, position, compiled_before = None, start, 0.0
 
         def result(central) -> TrainResult:
+            report = tuner.report() if tuner else tuning
             return TrainResult(
                 params=model.variables(*central),
                 accuracy=history.last_accuracy,
@@ -115,12 +160,12 @@ def fit(
                 time_to_accuracy=history.time_to_accuracy,
                 images_per_second=history.images_per_second(),
                 wall_time=history.elapsed(),
-                compile_time=setup.compiler.seconds,
+                compile_time=compiled_before + stage.setup.compiler.seconds,
                 steps=history.step,
-                learners_per_device=learners_per_device,
+                learners_per_device=m,
                 devices=mesh.size,
                 config=config,
-                tuning=tuning,
+                tuning=report,
                 test_loss=history.last_loss,
                 preprocess=data.preprocess,
                 model=model,
@@ -128,39 +173,144 @@ def fit(
                 input_shape=data.example.shape[1:],
             )
 
-        timer = CheckpointTimer(config.checkpoint_minutes if checkpointer else 0.0)
-        pending, epoch = None, None
-        history.restart_clock()
-        for chunk in plan:
-            if chunk.epoch != epoch:
-                epoch = chunk.epoch
-                setup.train_data.start_epoch(epoch, [c for c in plan if c.epoch == epoch])
-            called_at = time.perf_counter()
-            state, metrics = dispatch[chunk.length](state, *setup.train_data.args(chunk))
-            current = history.dispatched(chunk, metrics, called_at)
-            due = timer.due()  # a timed checkpoint
-            if not (chunk.evaluate or chunk.checkpoint or due or chunk is plan[-1]):
-                if pending:  # the previous dispatch, read one late
-                    history.add_dispatches([pending], next_one=current)
-                pending = current
-                continue
-            evaluate_now = chunk.evaluate and test is not None
-            history.add_dispatches([pending, current] if pending else [current],
-                                   evaluation_follows=evaluate_now)  # fmt: skip
-            pending = None
-            reached = False
-            if evaluate_now:
-                reached = history.add_evaluation(evaluate_central(evaluate, state, test))
-            if checkpointer and (chunk.checkpoint or due or reached):
-                central = setup.compiler.central_variables(state)
-                record = {"step": chunk.end, "history": history.rows, "elapsed": history.elapsed(),
-                          "run": run_summary(result(central), data)}  # fmt: skip
-                checkpointer.save(chunk.end, state, record, central)
-                timer.saved()
-            if reached:
+        def save(step: int, state) -> None:
+            central = stage.setup.compiler.central_variables(state)
+            record = {"step": step, "position": list(stage.setup.clock.position(step)),
+                      "history": history.rows, "elapsed": history.elapsed(),
+                      "run": run_summary(result(central), data)}  # fmt: skip
+            checkpointer.save(step, state, record, central)
+            timer.saved()
+
+        while True:
+            if stage is None or stage.setup is not setup:
+                if stage is not None:
+                    compiled_before += stage.setup.compiler.seconds
+                stage = _compile(setup, state, test)
+            end = run_end(setup.clock, config.epochs)
+            stop = tuner.until(position.step, setup.steps_per_dispatch) if (
+                tuner and tuner.deciding) else None  # fmt: skip
+            plan = plan_chunks(setup.clock, end, config, setup.steps_per_dispatch,
+                               start=position.step, stop=stop)  # fmt: skip
+            first_sample = len(history.samples)
+            history.learners = m if tuner else None  # rows say which setting ran them
+            state, reached = _run(stage, plan, state, test, history, timer, save, checkpointer)
+            position = setup.clock.position(plan[-1].end) if plan else position
+            if reached or position.step >= end or not (tuner and tuner.deciding):
                 break
-            history.restart_clock()
-        return result(setup.compiler.central_variables(state))
+            samples = history.samples[first_sample:]
+            following = tuner.observe(m, samples, stage.setup.compiler.seconds)
+            while following != m:
+                try:
+                    new = prepare(config, model, optimizer, data, mesh, following, task, position)
+                    state = new.compiler.resized(state, setup.compiler.spec, min(m, following))
+                except Exception as error:  # the tuner decides what is fatal
+                    following = tuner.failed(following, error)
+                    if following is None:
+                        raise
+                    continue
+                setup.train_data.close()
+                setup, m = new, following
+                history.use(setup.clock, run_end(setup.clock, config.epochs))
+        return result(stage.setup.compiler.central_variables(state))
+
+
+def _position(record, data: Arrays, mesh, config: TrainConfig, saved_m) -> Position:
+    """Where a resumed run stands (a fresh run: at the start)."""
+    if record is None:
+        return Position()
+    if "position" in record:
+        return Position(*record["position"])
+    layout = layout_for(config.algorithm, mesh.size, saved_m, config.batch_size)
+    return Clock(Position(), layout.images_per_step, data.num_train).position(record["step"])
+
+
+def _optimizer_shapes(state) -> Any:
+    """The optimiser state for the run folder's fingerprint: its arrays' paths and dtypes
+    (shapes left out: they change with the layout, which is fingerprinted apart)."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct((), a.dtype), state.opt_state)
+
+
+def _restored(checkpointer, setup: Setup, state, record, config, mesh, saved_m, m):
+    """The checkpoint's state on this layout: as saved, or converted (`elastic`)."""
+    if not config.elastic:
+        restored, _ = checkpointer.restore(state)
+        return restored
+    saved = checkpointer.restore_as_saved(state)
+    first = jax.tree.map(lambda a: np.asarray(a)[:1], saved)  # every device holds the same z
+    stats = jax.tree.map(_devices_mean, saved.batch_stats)
+    old = first._replace(batch_stats=stats)
+    placed = mapping.put_on_devices(jax.tree.map(lambda a: np.repeat(a, mesh.size, 0), old), mesh)
+    before = layout_for(config.algorithm, mesh.size, saved_m, config.batch_size)
+    return setup.compiler.resized(
+        placed, dataclasses.replace(setup.compiler.spec, layout=before), keep=0
+    )
+
+
+def _devices_mean(values):
+    values = np.asarray(values)
+    if np.issubdtype(values.dtype, np.floating):
+        return values.mean(0, keepdims=True).astype(values.dtype)
+    return values[:1]
+
+
+def _compile(setup: Setup, state, test) -> _Stage:
+    """A layout's programs: evaluation now, dispatches by length as plans need them."""
+    evaluate = setup.compiler.eval_program(state, test) if test is not None else None
+    return _Stage(setup, _Programs(setup, state), evaluate)
+
+
+class _Programs(dict):
+    """Dispatch programs by length, compiled when first needed."""
+
+    def __init__(self, setup: Setup, state):
+        super().__init__()
+        self.setup, self.like = (
+            setup,
+            jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state
+            ),
+        )
+
+    def __missing__(self, length: int):
+        setup = self.setup
+        program = setup.compiler.train_program(self.like, setup.train_data, length, setup.unroll)
+        self[length] = program
+        return program
+
+
+def _run(stage: _Stage, plan, state, test, history: History, timer, save, checkpointer):
+    """Runs the chunks of `plan`; returns (state, whether the target accuracy was reached)."""
+    setup = stage.setup
+    for length in sorted({chunk.length for chunk in plan}):  # compile before the clock runs
+        stage.dispatch[length]
+    pending, epoch = None, None
+    history.restart_clock()
+    for chunk in plan:
+        if chunk.epoch != epoch:
+            epoch = chunk.epoch
+            setup.train_data.start_epoch(epoch, [c for c in plan if c.epoch == epoch])
+        called_at = time.perf_counter()
+        state, metrics = stage.dispatch[chunk.length](state, *setup.train_data.args(chunk))
+        current = history.dispatched(chunk, metrics, called_at)
+        due = timer.due()  # a timed checkpoint
+        if not (chunk.evaluate or chunk.checkpoint or due or chunk is plan[-1]):
+            if pending:  # the previous dispatch, read one late
+                history.add_dispatches([pending], next_one=current)
+            pending = current
+            continue
+        evaluate_now = chunk.evaluate and test is not None
+        history.add_dispatches([pending, current] if pending else [current],
+                               evaluation_follows=evaluate_now)  # fmt: skip
+        pending = None
+        reached = False
+        if evaluate_now:
+            reached = history.add_evaluation(evaluate_central(stage.evaluate, state, test))
+        if checkpointer and (chunk.checkpoint or due or reached):
+            save(chunk.end, state)
+        if reached:
+            return state, True
+        history.restart_clock()
+    return state, False
 
 
 class CheckpointTimer:

@@ -21,7 +21,7 @@ from crossbow_jax.engine.config import ConfigError, TrainConfig
 from crossbow_jax.engine.feed import ArraySource, Feeder
 from crossbow_jax.engine.inputs import Arrays, as_engine_dtype
 from crossbow_jax.engine.optimizers import milestone_steps
-from crossbow_jax.engine.plan import Chunk, Layout
+from crossbow_jax.engine.plan import Chunk, Clock, Layout
 
 EVAL_CHUNK = 500
 
@@ -51,10 +51,10 @@ class TrainData:
         data: the resolved data (only the training split is used).
         layout: devices x learners x batch of one step.
         mesh: the device mesh.
-        steps_per_epoch: steps in one epoch.
+        clock: the run's epochs in steps at this layout (for the resets).
     """
 
-    def __init__(self, config: TrainConfig, data: Arrays, layout: Layout, mesh, steps_per_epoch):
+    def __init__(self, config: TrainConfig, data: Arrays, layout: Layout, mesh, clock: Clock):
         self.seed, self.layout, self.mesh = config.seed, layout, mesh
         self.example, self.label_example = data.example, data.label_example
         self.num_train = data.num_train
@@ -70,7 +70,7 @@ class TrainData:
             )
             self.feeder = Feeder(source, layout, mesh)
         resets = (
-            milestone_steps(config, steps_per_epoch)
+            [s for s in milestone_steps(config, clock) if s is not None]
             if (config.reset_at_drops and config.algorithm == "sma")
             else []
         )
@@ -97,7 +97,7 @@ class TrainData:
         if self.placement == "host":
             xs, ys = self.feeder.next(chunk)
             return xs, ys, self.resets, self.key
-        start = self._start(chunk.position)
+        start = self._start(chunk.offset)
         return self.images, self.labels, self.perm, start, self.resets, self.key
 
     def example_args(self, length: int) -> tuple:

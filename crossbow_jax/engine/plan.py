@@ -2,13 +2,15 @@
 
 `Layout` says how one step's images are spread over devices, learners and
 batches (the one place where SMA and SSGD differ in shape: `layout_for`);
-`plan_chunks` cuts the run's steps into dispatches, each one device call
-inside one epoch.
+`Clock` maps a run's epochs to global steps from a `Position` (so a run can
+change its layout mid-run), and `plan_chunks` cuts the run's steps into
+dispatches, each one device call inside one epoch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 from crossbow_jax.engine.config import ConfigError, TrainConfig
@@ -50,15 +52,91 @@ def epoch_steps(layout: Layout, num_train: int) -> int:
     return steps
 
 
+class Position(NamedTuple):
+    """Where a run stands: steps taken, the epoch under way, images of it consumed.
+
+    The data position is counted in images, so a run can change its layout
+    (learners, devices) mid-epoch and still take every epoch's permutation
+    once, in order (`Clock`).
+    """
+
+    step: int = 0
+    epoch: int = 0
+    offset: int = 0  # images of the epoch's permutation consumed
+
+
+class Clock:
+    """A run's epochs in global steps, from `start` on, at `images_per_step` per step.
+
+    An epoch takes its permutation of the training set in slices of
+    `images_per_step`; the tail that does not fill a step is skipped. The
+    epoch under way at `start` continues from `start.offset`.
+
+    Raises:
+        ConfigError: not even one step fits in the training set.
+    """
+
+    def __init__(self, start: Position, images_per_step: int, num_train: int):
+        self.start, self.per_step, self.num_train = start, images_per_step, num_train
+        self.steps_per_epoch = num_train // images_per_step
+        self.first = max(0, (num_train - start.offset) // images_per_step)  # left in start.epoch
+
+    def epoch_end(self, step: int) -> int:
+        """The global step at which the epoch under way at `step` ends."""
+        return (
+            self.start.step
+            + self.first
+            + (self.position(step).epoch - self.start.epoch) * (self.steps_per_epoch)
+        )
+
+    def position(self, step: int) -> Position:
+        """The position after global step `step` (>= start.step)."""
+        k = step - self.start.step
+        if k < self.first:
+            return Position(step, self.start.epoch, self.start.offset + k * self.per_step)
+        k -= self.first
+        epochs, steps = divmod(k, self.steps_per_epoch)
+        return Position(step, self.start.epoch + 1 + epochs, steps * self.per_step)
+
+    def epochs(self, step: int) -> float:
+        """Epochs of data consumed after global step `step` (whole at every epoch end)."""
+        where = self.position(step)
+        whole = self.per_step * (self.first if where.epoch == self.start.epoch else 0)
+        span = (
+            (self.start.offset + whole)
+            if where.epoch == self.start.epoch
+            else (self.steps_per_epoch * self.per_step)
+        )
+        return where.epoch + where.offset / span
+
+    def step_at(self, epochs: float, rounding=round) -> int | None:
+        """The global step at which `epochs` of data are consumed (None: already past)."""
+        whole = int(epochs // 1)
+        if whole < self.start.epoch:
+            return None
+        done = (
+            0
+            if whole == self.start.epoch
+            else self.first + (whole - self.start.epoch - 1) * self.steps_per_epoch
+        )
+        base = self.start.offset if whole == self.start.epoch else 0
+        steps = (epochs - whole) * self.steps_per_epoch - base / self.per_step
+        more = round(steps) if abs(steps - round(steps)) < 1e-9 else rounding(steps)
+        if whole == self.start.epoch and more < 0:
+            return None
+        return self.start.step + done + more
+
+
 class Chunk(NamedTuple):
     """Steps [start, start + length) of the run, run by one device call."""
 
     start: int
     length: int
     epoch: int
-    position: int  # the step index within the epoch where the chunk begins
+    offset: int  # images of the epoch's permutation consumed before the chunk
     evaluate: bool  # evaluate z after it
     checkpoint: bool  # checkpoint after it
+    epochs: float = 0.0  # epochs of data consumed at its end
 
     @property
     def end(self) -> int:
@@ -69,36 +147,52 @@ def _next_multiple(step: int, every: int) -> int:
     return (step // every + 1) * every
 
 
-def plan_chunks(
-    start: int, total: int, steps_per_epoch: int, config: TrainConfig, steps_per_dispatch: int
-) -> list[Chunk]:
-    """Chunks from `start` to `total`, cut at epoch ends, evaluations and checkpoints.
+def run_end(clock: Clock, epochs: float) -> int:
+    """The run's last global step: `epochs` of data, in whole steps (at least one step)."""
+    end = clock.step_at(epochs, math.ceil)
+    return clock.start.step if end is None else max(end, 1)
 
-    z is evaluated at every epoch end, every `eval_every` steps and at the end;
+
+def plan_chunks(
+    clock: Clock,
+    end: int,
+    config: TrainConfig,
+    steps_per_dispatch: int,
+    *,
+    start: int | None = None,
+    stop: int | None = None,
+) -> list[Chunk]:
+    """Chunks from `start` (default `clock.start`) to `end` (or `stop`, if sooner), cut
+    at epoch ends, evaluations and checkpoints.
+
+    z is evaluated at every epoch end, every `eval_every` steps and at `end`;
     checkpoints (when a folder is set) at every epoch end, every
-    `checkpoint_every` steps and at the end (the loop adds timed ones,
-    every `checkpoint_minutes`).
+    `checkpoint_every` steps and at `end` (the loop adds timed ones, every
+    `checkpoint_minutes`).
     """
     chunks = []
-    step = start
-    while step < total:
-        epoch = step // steps_per_epoch
-        epoch_end = (epoch + 1) * steps_per_epoch
-        end = min(step + steps_per_dispatch, epoch_end, total)
+    step = clock.start.step if start is None else start
+    last_step = end if stop is None else min(end, stop)
+    while step < last_step:
+        where = clock.position(step)
+        epoch_end = clock.epoch_end(step)
+        cut = min(step + steps_per_dispatch, epoch_end, last_step)
         for every in (config.eval_every, config.checkpoint_every):
             if every:
-                end = min(end, _next_multiple(step, every))
-        last = end == total
+                cut = min(cut, _next_multiple(step, every))
+        last = cut == end
         evaluate = (
-            last or end == epoch_end or bool(config.eval_every and end % config.eval_every == 0)
+            last or cut == epoch_end or bool(config.eval_every and cut % config.eval_every == 0)
         )
         checkpoint = bool(config.checkpoint_dir) and (
             last
-            or end == epoch_end
-            or bool(config.checkpoint_every and end % config.checkpoint_every == 0)
+            or cut == epoch_end
+            or bool(config.checkpoint_every and cut % config.checkpoint_every == 0)
         )
         chunks.append(
-            Chunk(step, end - step, epoch, step - epoch * steps_per_epoch, evaluate, checkpoint)
+            Chunk(
+                step, cut - step, where.epoch, where.offset, evaluate, checkpoint, clock.epochs(cut)
+            )
         )
-        step = end
+        step = cut
     return chunks

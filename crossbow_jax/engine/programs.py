@@ -22,9 +22,10 @@ from crossbow_jax.engine.config import TrainConfig
 from crossbow_jax.engine.inputs import Arrays
 from crossbow_jax.engine.optimizers import learner_transform
 from crossbow_jax.engine.placement import TestData, TrainData
-from crossbow_jax.engine.plan import Layout, epoch_steps, layout_for
+from crossbow_jax.engine.plan import Clock, Layout, Position, epoch_steps, layout_for
 from crossbow_jax.engine.task import Task
 from crossbow_jax.models.adapters import Model
+from crossbow_jax.transformation.resize import resize_params, resize_state
 
 
 def resolve_execution(execution: str, mesh) -> str:
@@ -101,6 +102,24 @@ class Compiler:
             mapping.put_on_devices(np.zeros(lay.devices, np.int32), self.mesh),
         )
 
+    def resized(self, state: step.TrainState, before: step.StepSpec, keep: int):
+        """`state` of another layout of learners (`before`) made into this one's.
+
+        Learners 0..keep-1 stay as they are; the others start from the central
+        model with a fresh optimiser state; the central model, its momentum,
+        the model state and the step count carry over
+        (`crossbow_jax.transformation.resize`). Runs on the devices.
+        """
+        spec = self.spec
+
+        def resize(old: step.TrainState) -> step.TrainState:
+            central = step.central_params(before, old)
+            params = resize_params(old.params, central, spec.layout.learners, keep)
+            opt_state = resize_state(old.opt_state, spec.tx.init(params), keep)
+            return step.TrainState(params, old.batch_stats, opt_state, old.step)
+
+        return self._compile(self._map(resize), state)(state)
+
     def train_program(self, state: step.TrainState, data: TrainData, length: int, unroll: bool):
         """The dispatch of `length` steps: (state, *data.args(chunk)) -> (state, metrics).
 
@@ -130,7 +149,7 @@ class Setup(NamedTuple):
     """What one layout of learners needs before its first dispatch."""
 
     layout: Layout
-    steps_per_epoch: int
+    clock: Clock  # the run's epochs in steps at this layout, from where it starts
     compiler: Compiler
     train_data: TrainData  # the training set placed (or its feeder), resets, key
     steps_per_dispatch: int
@@ -145,6 +164,7 @@ def prepare(
     mesh,
     learners_per_device: int,
     task: Task | None = None,
+    start: Position | None = None,
 ) -> Setup:
     """Lays out `learners_per_device` learners, places the training data, readies the compiler.
 
@@ -157,15 +177,17 @@ def prepare(
         learners_per_device: m.
         task: the loss and figures (`crossbow_jax.engine.checks.check_run`);
             None: softmax cross-entropy and accuracy.
+        start: where the run stands when this layout takes over (None: at the start).
 
     Raises:
         ConfigError: not even one step fits in the training set (before any work).
     """
     layout = layout_for(config.algorithm, mesh.size, learners_per_device, config.batch_size)
-    per_epoch = epoch_steps(layout, data.num_train)
+    epoch_steps(layout, data.num_train)  # at least one step fits
+    clock = Clock(start or Position(), layout.images_per_step, data.num_train)
     spec = step.StepSpec(
         model,
-        learner_transform(config, optimizer, per_epoch),
+        learner_transform(config, optimizer, clock),
         layout,
         data.preprocess,
         resolve_execution(config.execution, mesh),
@@ -173,5 +195,5 @@ def prepare(
         task or Task(),
     )
     compiler = Compiler(spec, mesh, config.mapper)
-    train_data = TrainData(config, data, layout, mesh, per_epoch)
-    return Setup(layout, per_epoch, compiler, train_data, *resolve_dispatch(config, mesh))
+    train_data = TrainData(config, data, layout, mesh, clock)
+    return Setup(layout, clock, compiler, train_data, *resolve_dispatch(config, mesh))

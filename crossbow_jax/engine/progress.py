@@ -75,6 +75,14 @@ class BarProgress:
             from tqdm import tqdm
         self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc=desc)
 
+    @property
+    def total(self) -> int:
+        return self.bar.total
+
+    @total.setter
+    def total(self, value: int) -> None:
+        self.bar.total = value
+
     def update(self, step: int, postfix: dict[str, Any]) -> None:
         self.bar.n = step
         self.bar.set_postfix(postfix, refresh=True)

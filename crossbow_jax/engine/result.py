@@ -47,6 +47,9 @@ class TrainResult:
         config: the `TrainConfig` of the run.
         tuning: the auto-tuner's report when `learners_per_device="auto"`
             (chosen setting and throughput curve, docs/tuning.md), else None.
+        executions: with `execution="auto"`, how the execution was chosen: every
+            candidate's measured images/s and the choice, or the cached
+            decision (`crossbow_jax.tuning.executions`); else None.
         preprocess: how the engine turns raw inputs (as passed to `train`)
             into model inputs: `preprocess(x, None)` (scale, normalise; no
             augmentation without a key).
@@ -69,6 +72,7 @@ class TrainResult:
     model: Model | None = dataclasses.field(default=None, compare=False)
     central: tuple[Any, Any] | None = dataclasses.field(default=None, compare=False)
     input_shape: tuple[int, ...] | None = None  # one training input, for `predict`
+    executions: dict[str, Any] | None = None
 
     def predict(self, x, batch_size: int = PREDICT_BATCH) -> np.ndarray:
         """The central model's outputs on raw inputs like the training data.
@@ -104,7 +108,8 @@ class TrainResult:
     def __repr__(self) -> str:
         cfg = self.config
         first = (
-            f"central model: test accuracy {self.accuracy:.4f}" if self.accuracy is not None
+            f"central model: test accuracy {self.accuracy:.4f}"
+            if self.accuracy is not None
             else "central model: no test accuracy"
         )
         if self.test_loss is not None:
@@ -122,6 +127,7 @@ class TrainResult:
 @functools.lru_cache(maxsize=8)
 def _predictor(model: Model, preprocess: Preprocess | None):
     """The jitted outputs of `model` on raw inputs (compiled once per model and input shape)."""
+
     def outputs(params, state, x):
         x = preprocess(x, None) if preprocess is not None else x
         return model.apply(params, state, x, train=False)[0]

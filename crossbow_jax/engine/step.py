@@ -28,6 +28,7 @@ import optax
 from jax import lax
 
 from crossbow_jax.data.preprocess import Preprocess
+from crossbow_jax.engine.im2col import im2col
 from crossbow_jax.engine.mapping import DEVICE_AXIS
 from crossbow_jax.engine.plan import Layout
 from crossbow_jax.engine.task import Task
@@ -53,7 +54,7 @@ class StepSpec:
         tx: `sma` or `ssgd` around the learner optimiser, over `axis`.
         layout: devices x learners x batch of one step.
         preprocess: stored pixels -> model input (`crossbow_jax/data/preprocess.py`).
-        execution: "vmap" or "unroll": how the learners' forward/backward run.
+        execution: "vmap", "unroll" or "im2col": how the learners' forward/backward run.
         algorithm: "sma" or "ssgd": decides where the central model is read.
         task: the loss and the figures reported (`crossbow_jax/engine/task.py`).
         axis: the device axis name.
@@ -69,25 +70,37 @@ class StepSpec:
     axis: str = DEVICE_AXIS
 
 
-def batch_indices(perm: jax.Array, step_in_epoch, device, layout: Layout) -> jax.Array:
+def batch_indices(perm: jax.Array, offset, device, layout: Layout) -> jax.Array:
     """Indices into the training set of one device's batches at one step.
 
-    Step t of an epoch takes the slice [t * P, (t + 1) * P) of the epoch's
-    permutation, P images per step in all; device d takes its m * b part,
-    learner j its b rows. So batches are disjoint across learners and devices
-    within a step, and an epoch consumes the training set once.
+    A step that begins `offset` images into the epoch takes the slice
+    [offset, offset + P) of the epoch's permutation, P images per step in all;
+    device d takes its m * b part, learner j its b rows. So batches are
+    disjoint across learners and devices within a step, and an epoch consumes
+    the training set once (whatever the layout of each step).
 
     Returns:
         (m, b) int32 indices.
     """
     per_device = layout.learners * layout.batch
-    offset = step_in_epoch * layout.images_per_step + device * per_device
-    return lax.dynamic_slice(perm, (offset,), (per_device,)).reshape(layout.learners, layout.batch)
+    return lax.dynamic_slice(perm, (offset + device * per_device,), (per_device,)).reshape(
+        layout.learners, layout.batch
+    )
 
 
 def apply_model(spec: StepSpec, params, state, x, train: bool, key=None):
-    """One learner's outputs (floats as float32) and its updated model state."""
-    outputs, state = spec.model.apply(params, state, x, train=train, key=key)
+    """One learner's outputs (floats as float32) and its updated model state.
+
+    In training with `execution="im2col"`, every convolution of the model runs as
+    patches and one matmul (`crossbow_jax.engine.im2col`), which the learners'
+    vmap turns into one batched matmul instead of a grouped convolution.
+    """
+    apply = spec.model.apply
+    if train and spec.execution == "im2col":
+        apply = im2col(functools.partial(apply, train=True))
+        outputs, state = apply(params, state, x, key=key)
+    else:
+        outputs, state = apply(params, state, x, train=train, key=key)
     if jnp.issubdtype(outputs.dtype, jnp.floating):
         outputs = outputs.astype(jnp.float32)
     return outputs, state
@@ -107,7 +120,7 @@ def learner_grads(spec: StepSpec, params, state, x, y, key):
 
 def all_learner_grads(spec: StepSpec, params, batch_stats, x, y, keys):
     """`learner_grads` of every learner on the device, stacked on the learner axis."""
-    if spec.execution == "vmap":
+    if spec.execution in ("vmap", "im2col"):
         one = functools.partial(learner_grads, spec)
         return jax.vmap(one, in_axes=(0, None, 0, 0, 0))(params, batch_stats, x, y, keys)
     outs = [
@@ -172,7 +185,7 @@ def train_steps(
         state: this device's `TrainState`.
         images, labels: the training set, resident on this device.
         perm: this epoch's permutation of the training set (int32).
-        start: the step index within the epoch where this call begins.
+        start: images of the epoch's permutation consumed before this call.
         reset_steps: global steps at which SMA moves learners onto z
             (padded with -1).
         key: the run's base PRNG key.
@@ -187,7 +200,7 @@ def train_steps(
     device = lax.axis_index(spec.axis)
 
     def one(state, i):
-        idx = batch_indices(perm, start + i, device, spec.layout)
+        idx = batch_indices(perm, start + i * spec.layout.images_per_step, device, spec.layout)
         return train_step(spec, state, images[idx], labels[idx], reset_steps, key, device)
 
     return _scan(one, state, jnp.arange(length), unroll)
@@ -239,9 +252,7 @@ def eval_step(spec: StepSpec, state: TrainState, images, labels, mask):
     def chunk(inputs):
         x, y, m = inputs
         outputs, _ = apply_model(spec, params, model_state, spec.preprocess(x, None), False)
-        sums = {
-            k: jnp.sum(jnp.where(m, v, 0.0)) for k, v in spec.task.figures(outputs, y).items()
-        }
+        sums = {k: jnp.sum(jnp.where(m, v, 0.0)) for k, v in spec.task.figures(outputs, y).items()}
         return {**sums, "count": jnp.sum(m)}
 
     totals = jax.tree.map(lambda v: jnp.sum(v, 0), lax.map(chunk, (images, labels, mask)))

@@ -23,6 +23,7 @@ from crossbow_jax.engine.inputs import resolve
 from crossbow_jax.engine.programs import resolve_execution
 from crossbow_jax.engine.task import Task
 from crossbow_jax.tuning import report
+from crossbow_jax.tuning.executions import auto_execution
 from crossbow_jax.tuning.measure import run_trial
 from crossbow_jax.tuning.search import Search
 
@@ -193,7 +194,9 @@ def tune(
         "compile_seconds", "steps", "error"), "strategy", "threshold",
         "max_learners" (the effective cap), "seconds" (tuning wall time),
         "compile_seconds", "devices", "platform", "device_kind", "batch_size",
-        "algorithm", "execution", "memory_limit", "date", "model".
+        "algorithm", "execution", "memory_limit", "date", "model", and "executions"
+        (with `execution="auto"`: every candidate's measured images/s and the
+        choice, `crossbow_jax.tuning.executions`; else None).
     """
     refuse_ignored_options(optimizer, config)
     config.pop("learners_per_device", None)
@@ -201,8 +204,10 @@ def tune(
     cfg = make_config(learners_per_device="auto", **config)
     module, data, mesh = resolve(cfg, model, train, test, data_dir=data_dir, augment=augment)
     task = check_run(cfg, module, optimizer, data, loss_fn=loss_fn, metrics_fn=metrics_fn)
+    cfg, executions = auto_execution(cfg, module, optimizer, data, mesh, task, log=log)
     result = search_learners(cfg, module, optimizer, data, mesh, task, log=log)
     result["model"] = model_name(model)
+    result["executions"] = executions
     if json_path is not None:
         report.write_json(result, json_path)
     if plot_path is not None:
