@@ -17,11 +17,13 @@ import jax
 import numpy as np
 import optax
 
+from crossbow_jax.engine.checks import check_run
 from crossbow_jax.engine.config import TrainConfig
 from crossbow_jax.engine.inputs import resolve
 from crossbow_jax.engine.optimizers import default_optimizer
 from crossbow_jax.engine.plan import Chunk
 from crossbow_jax.engine.programs import Compiler, Setup, prepare
+from crossbow_jax.tuning.executions import choose_execution
 
 
 def synthetic(n: int, shape: tuple[int, ...], classes: int = 10, seed: int = 0):
@@ -51,6 +53,16 @@ def engine_run(model: Any, data: tuple[np.ndarray, np.ndarray], **config: Any) -
     return Engine(cfg, setup, arrays.example)
 
 
+def measured_execution(model: Any, data, **config: Any) -> dict[str, Any]:
+    """`execution="auto"` as `crossbow_jax.train` decides it (every candidate timed by the
+    tuner's trials, `crossbow_jax.tuning.executions`), without the disk cache."""
+    cfg = TrainConfig(**{"progress": False, "data_placement": "device", **config})
+    module, arrays, mesh = resolve(cfg, model, data)
+    task = check_run(cfg, module, None, arrays)
+    return choose_execution(cfg, module, None, arrays, mesh, task,
+                            learners=cfg.learners_per_device, log=None, cache_dir="")  # fmt: skip
+
+
 def per_learner(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
     """`optimizer` applied to each stacked learner on its own: SMA without the averaging."""
 
@@ -69,7 +81,7 @@ def with_plain_learners(engine: Engine) -> Engine:
     central model: only the dispatch program is meant to be timed.)
     """
     setup = engine.setup
-    plain = per_learner(default_optimizer(engine.config, setup.steps_per_epoch))
+    plain = per_learner(default_optimizer(engine.config, setup.clock))
     spec = dataclasses.replace(setup.compiler.spec, tx=plain, algorithm="plain")
     compiler = Compiler(spec, setup.compiler.mesh, setup.compiler.mapper)
     return engine._replace(setup=setup._replace(compiler=compiler))
@@ -88,6 +100,8 @@ class Stepper:
         compile_seconds: time to compile the initialisation and dispatch programs (AOT).
         length: steps per dispatch.
         images_per_call: images of all learners in one dispatch.
+        flops: floating-point operations of one dispatch, by XLA's cost analysis
+            (0 where the backend gives none).
     """
 
     def __init__(self, engine: Engine, length: int | None = None):
@@ -100,6 +114,9 @@ class Stepper:
         self.compile_seconds = setup.compiler.seconds
         self.args = setup.train_data.args(Chunk(0, self.length, 0, 0, False, False))
         self.images_per_call = self.length * setup.layout.images_per_step
+        cost = self.program.cost_analysis() or {}
+        cost = cost[0] if isinstance(cost, list) else cost
+        self.flops = float(cost.get("flops", 0.0))  # per dispatch, XLA's count
         jax.block_until_ready(self(1))
 
     def __call__(self, calls: int):

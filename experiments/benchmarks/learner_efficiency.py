@@ -14,10 +14,15 @@ dispatches called back to back) runs as:
   vmapped over their stacked parameters: grouped convolutions);
 - the same with execution "unroll" (one learner after another, unrolled in
   one program);
+- the same with execution "im2col" (vmap, with every convolution as patches
+  and one batched matmul over the learners);
 - the bound: ONE learner at batch m*b (the engine's SSGD layout on one
   device), the most the device does with that many images per step.
 
-Efficiency = images/s of the m learners / images/s of the bound. Models:
+Efficiency = images/s of the m learners / images/s of the bound. For each
+model, the largest setting is also handed to the tuner's measured choice
+(`execution="auto"`, `crossbow_jax.tuning.executions`, no cache), and its pick
+is printed and stored. Models:
 LeNet (28x28x1) and a ResNet block (ResNet-32's stem and one BasicBlock of its
 first stage, 32x32x16 activations, BatchNorm; input 32x32x3). The three
 variants of one setting are timed in interleaved rounds; each figure is a
@@ -35,7 +40,7 @@ import jax.numpy as jnp
 from crossbow_jax.models import BasicBlock, LeNet
 from experiments.benchmarks import _engine, _timing
 
-VARIANTS = ("vmap", "unroll", "bound")
+VARIANTS = ("vmap", "unroll", "im2col", "bound")
 
 
 class ResNetBlock(nn.Module):
@@ -88,10 +93,10 @@ def stepper(model, data, variant: str, m: int, b: int) -> _engine.Stepper:
     return _engine.Stepper(_engine.engine_run(model, data, execution=variant, **common))
 
 
-def measure(name, model, shape, images, m, b, repeats) -> list[dict[str, Any]]:
-    """Rows for one (model, m, b): each variant's images/s and efficiency."""
+def measure(name, model, shape, images, m, b, repeats, variants=VARIANTS) -> list[dict[str, Any]]:
+    """Rows for one (model, m, b): each variant's images/s and efficiency ("bound" last)."""
     data = _engine.synthetic(max(2048, 2 * m * b), shape)
-    steppers = {v: stepper(model, data, v, m, b) for v in VARIANTS}
+    steppers = {v: stepper(model, data, v, m, b) for v in variants}
     calls = max(1, -(-images // (m * b)))
     variants = {
         v: _timing.rate(lambda s=s: s(calls), calls * s.images_per_call)
@@ -100,7 +105,7 @@ def measure(name, model, shape, images, m, b, repeats) -> list[dict[str, Any]]:
     samples = _timing.interleave(variants, repeats)
     bound = _timing.median(samples["bound"])
     rows = []
-    for v in VARIANTS:
+    for v in variants:
         ips = _timing.median(samples[v])
         rows.append({
             "config": {"model": name, "input": list(shape), "learners": m, "batch": b,
@@ -110,14 +115,24 @@ def measure(name, model, shape, images, m, b, repeats) -> list[dict[str, Any]]:
             "images_per_second": ips, "efficiency": ips / bound,
             "spread": _timing.spread(samples[v]), "samples": len(samples[v]),
             "compile_seconds": steppers[v].compile_seconds,
+            "flops_per_image": steppers[v].flops / steppers[v].images_per_call,
         })  # fmt: skip
     return rows
+
+
+def auto_choice(name, model, shape, m, b) -> dict[str, Any]:
+    """What `execution="auto"` picks for (model, m, b): every candidate timed by the tuner."""
+    data = _engine.synthetic(max(2048, 2 * m * b), shape)
+    report = _engine.measured_execution(model, data, batch_size=b, learners_per_device=m)
+    return {"config": {"model": name, "input": list(shape), "learners": m, "batch": b},
+            "model": name, "learners": m, "batch": b, "variant": "auto",
+            "chosen": report["chosen"], "candidates": report["candidates"]}  # fmt: skip
 
 
 def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One line per (model, b, m) with the three variants side by side."""
     lines = {}
-    for r in rows:
+    for r in (r for r in rows if r["variant"] != "auto"):
         line = lines.setdefault((r["model"], r["batch"], r["learners"]),
                                 {"model": r["model"], "b": r["batch"], "m": r["learners"]})  # fmt: skip
         line[f"{r['variant']} img/s"] = r["images_per_second"]
@@ -139,9 +154,13 @@ def main(argv=None) -> list[dict[str, Any]]:
     ):
         rows += measure(name, model, shape, images, m, b, repeats)
         print(f"  {name} b={b} m={m}: " + ", ".join(
-            f"{r['variant']} {r['images_per_second']:.0f} img/s" for r in rows[-3:]))  # fmt: skip
-    columns = ["model", "b", "m", "vmap img/s", "unroll img/s", "bound img/s",
-               "eff vmap", "eff unroll"]  # fmt: skip
+            f"{r['variant']} {r['images_per_second']:.0f} img/s" for r in rows[-4:]))  # fmt: skip
+    for name, (model, shape, _) in grid["models"].items():
+        m, b = max(grid["learners"]), min(grid["batches"])
+        rows.append(auto_choice(name, model, shape, m, b))
+        print(f"  {name} b={b} m={m}: execution='auto' chose {rows[-1]['chosen']}")
+    columns = ["model", "b", "m", "vmap img/s", "unroll img/s", "im2col img/s", "bound img/s",
+               "eff vmap", "eff unroll", "eff im2col"]  # fmt: skip
     print(_timing.format_table(summary(rows), columns))
     path = _timing.write_rows(args.out, "learner_efficiency", rows, env, args.quick)
     print(f"wrote {path}")
