@@ -96,22 +96,27 @@ def train(
         started = time.perf_counter()
         name = model if isinstance(model, str) else module.name
         m, tuning, tuner = config.learners_per_device, None, None
+        log = print if config.progress and jax.process_index() == 0 else None
+        resuming = bool(checkpointer and config.resume and checkpointer.latest_step() is not None)
+        if resuming and not config.elastic:  # the run goes on as it was measured and tuned
+            saved = checkpointer.latest_record()["run"]
+            if config.execution == "auto":
+                config = config.replace(execution=saved["config"]["execution"])
+            if m == "auto":
+                config = config.replace(tune_mode=(saved.get("tuning") or {}).get("mode", "trials"))
         config, executions = auto_execution(  # "auto": measured here, or read from the cache
-            config, module, optimizer, data, mesh, task, log=print if config.progress else None
+            config, module, optimizer, data, mesh, task, log=log
         )
         if m == "auto" and config.tune_mode == "online":
             device = mesh.devices.flat[0]
             tuner = OnlineTuner(
                 config, mesh.size, data.num_train, platform=device.platform,
-                device_kind=getattr(device, "device_kind", ""), model=name,
-                log=print if config.progress and jax.process_index() == 0 else None,
+                device_kind=getattr(device, "device_kind", ""), model=name, log=log,
             )  # fmt: skip
             m = 1
         elif m == "auto":
-            resuming = config.resume and checkpointer.latest_step() is not None
-            tuning = choose_learners(
-                config, module, optimizer, data, mesh, task, name=name, reuse=resuming
-            )
+            tuning = choose_learners(config, module, optimizer, data, mesh, task, name=name,
+                                     reuse=resuming and not config.elastic)  # fmt: skip
             m = tuning["chosen"]
         result = fit(
             config,

@@ -86,8 +86,12 @@ def test_failures_are_skipped_and_all_failing_is_a_config_error(run, tmp_path):
     r = choose(run, Fake({"vmap": xla, "unroll": 10.0}), tmp_path / "third")
     assert r["candidates"][0]["status"] == "error"
     assert r["candidates"][0]["error"] == "JaxRuntimeError: UNIMPLEMENTED: no such kernel"
-    with pytest.raises(RuntimeError, match="not XLA"):  # any other error propagates
-        choose(run, Fake({"vmap": RuntimeError("not XLA"), "unroll": 1.0}), tmp_path / "4")
+    # Any error of one candidate (im2col refusing a custom_vjp convolution, say) is its row.
+    refused = ValueError("im2col: a convolution inside custom_vjp")
+    r = choose(run, Fake({"vmap": refused, "unroll": 1.0}), tmp_path / "4")
+    assert r["chosen"] == "unroll" and "custom_vjp" in r["candidates"][0]["error"]
+    with pytest.raises(ConfigError, match="vmap: ValueError: im2col.*unroll: RuntimeError: bug"):
+        choose(run, Fake({"vmap": refused, "unroll": RuntimeError("bug")}), tmp_path / "5")
 
 
 def test_bad_candidate_lists_are_config_errors(run, tmp_path):

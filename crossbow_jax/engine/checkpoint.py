@@ -5,10 +5,11 @@ every process for its own shards) and a small JSON record (step, history,
 elapsed time). Orbax writes each step into a temporary folder and renames it
 when complete, so a run killed mid-write leaves the previous checkpoint
 intact. `config.json` in the run folder pins what a resumed run must share:
-the settings (`TrainConfig.identity`) and fingerprints of the model's
-parameter tree and of the optimiser state (every array's path, dtype and
-shape). It is written only once a run has passed every check, so a refused
-resume leaves the folder as it was.
+the settings (`TrainConfig.identity`), the layout, and fingerprints of the
+model's parameter tree (every array's path, dtype and shape) and of the
+optimiser state (every array's path and dtype: its shapes follow the layout).
+It is written only once a run has passed every check, so a refused resume
+leaves the folder as it was.
 """
 
 from __future__ import annotations
@@ -103,11 +104,12 @@ class Checkpointer:
             )
         return saved
 
-    def check_and_record(self, **parts: Any) -> None:
+    def check_and_record(self, unchecked: tuple[str, ...] = (), **parts: Any) -> None:
         """Checks a resumed run's model and optimiser against the run folder, then writes
         `config.json` (settings and fingerprints).
 
         Args:
+            unchecked: parts recorded but not checked (`layout` on an elastic resume).
             **parts: `layout=` {"devices", "learners_per_device"}, `model=` the
                 parameter tree, `optimizer=` the optimiser state (arrays or shape
                 structs; see `FINGERPRINTS`).
@@ -120,7 +122,9 @@ class Checkpointer:
         for part, tree in parts.items():
             key, now = f"fingerprint_{part}", fingerprint(tree)
             saved = self.saved.get(key)
-            if saved is not None and saved != now:
+            if part == "optimizer" and saved is not None:  # folders that kept its shapes
+                saved = {k: v.split("[")[0] + "[]" for k, v in saved.items()}
+            if saved is not None and saved != now and part not in unchecked:
                 raise ConfigError(
                     f"cannot resume {self.directory}: {FINGERPRINTS[part]} differs from the "
                     f"one the run was started with ({describe_difference(saved, now)}); "

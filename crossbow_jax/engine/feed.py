@@ -26,11 +26,12 @@ class Source(Protocol):
 
     num_batches: int  # steps per epoch
 
-    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yields (images, labels) of one step each, from batch `start_batch` on.
-
-        A source may also take `start_image=` (images of the epoch to skip), which
-        lets a run change its step size mid-epoch."""
+    def epoch(
+        self, epoch: int, start_batch: int = 0, *, start_image: int | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yields (images, labels) of one step each, from batch `start_batch` on, or from
+        `start_image` images into the epoch's order (the feeder passes it, so that a
+        run can change its step size mid-epoch)."""
         ...
 
 

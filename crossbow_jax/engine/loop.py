@@ -43,14 +43,21 @@ class OnlineTuner(Protocol):
     def until(self, step: int, steps_per_dispatch: int) -> int:
         """The step at which the current setting (under way at `step`) is observed."""
 
+    def record(self, samples: list[tuple[int, float, int]]) -> None:
+        """The current setting's samples so far, for a checkpoint."""
+
     def observe(
         self, learners: int, samples: list[tuple[int, float, int]], compile_seconds: float
     ) -> int:
         """A setting's (images, seconds, steps) per dispatch -> the next setting (the chosen
         one once decided)."""
 
+    def admit(self, learners: int, program: Any) -> None:
+        """Raises when a setting's compiled dispatch program may not be run (memory)."""
+
     def failed(self, learners: int, error: BaseException) -> int | None:
-        """A setting failed to start: the next setting, or None to raise the error."""
+        """A setting failed to be laid out or compiled, or was not admitted: the next
+        setting, or None to raise the error."""
 
     def report(self) -> dict[str, Any]:
         """The tuning report so far (JSON): curve, steps at each setting, chosen."""
@@ -107,6 +114,7 @@ def fit(
         A `TrainResult`.
     """
     started = time.perf_counter() if started is None else started
+    compiled_before = 0.0  # compile seconds of the layouts before the current one
     task = task or check_run(config, model, optimizer, data)
     with contextlib.ExitStack() as closing:
         if checkpointer is None and config.checkpoint_dir:
@@ -115,10 +123,8 @@ def fit(
         record = checkpointer.latest_record() if resuming else None
         saved_m = record["run"]["learners_per_device"] if record else None
         m = tuner.first() if tuner else learners_per_device
-        if tuner and record and not config.elastic and record["run"].get("tuning"):
-            m = tuner.replay(record["run"]["tuning"])
-        elif tuner and record and not config.elastic:
-            m = saved_m
+        if tuner and record and not config.elastic:  # the tuner goes on where it was
+            m = tuner.replay(record["run"]["tuning"]) if record["run"].get("tuning") else saved_m
         test = TestData(data, mesh) if data.has_test else None
         start = _position(record, data, mesh, config, saved_m)
         setup = prepare(config, model, optimizer, data, mesh, m, task, start)
@@ -128,7 +134,8 @@ def fit(
         if checkpointer:
             layout = {"devices": mesh.size, "learners_per_device": "auto" if tuner else m}
             checkpointer.check_and_record(
-                **({} if config.elastic else {"layout": layout}),
+                unchecked=("layout",) if config.elastic else (),
+                layout=layout,
                 model=jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape[2:], p.dtype),
                                    state.params),  # per learner
                 optimizer=_optimizer_shapes(state),
@@ -149,7 +156,7 @@ def fit(
         )
         closing.callback(history.close)
         timer = CheckpointTimer(config.checkpoint_minutes if checkpointer else 0.0)
-        stage, position, compiled_before = None, start, 0.0
+        stage, position = None, start
 
         def result(central) -> TrainResult:
             report = tuner.report() if tuner else tuning
@@ -174,6 +181,8 @@ def fit(
             )
 
         def save(step: int, state) -> None:
+            if tuner and tuner.deciding:
+                tuner.record(history.samples[first_sample:])  # the interval so far
             central = stage.setup.compiler.central_variables(state)
             record = {"step": step, "position": list(stage.setup.clock.position(step)),
                       "history": history.rows, "elapsed": history.elapsed(),
@@ -181,11 +190,8 @@ def fit(
             checkpointer.save(step, state, record, central)
             timer.saved()
 
+        stage, first_sample = _compile(setup, state, test), 0
         while True:
-            if stage is None or stage.setup is not setup:
-                if stage is not None:
-                    compiled_before += stage.setup.compiler.seconds
-                stage = _compile(setup, state, test)
             end = run_end(setup.clock, config.epochs)
             stop = tuner.until(position.step, setup.steps_per_dispatch) if (
                 tuner and tuner.deciding) else None  # fmt: skip
@@ -197,19 +203,22 @@ def fit(
             position = setup.clock.position(plan[-1].end) if plan else position
             if reached or position.step >= end or not (tuner and tuner.deciding):
                 break
-            samples = history.samples[first_sample:]
-            following = tuner.observe(m, samples, stage.setup.compiler.seconds)
+            following = tuner.observe(m, history.samples[first_sample:], setup.compiler.seconds)
             while following != m:
-                try:
-                    new = prepare(config, model, optimizer, data, mesh, following, task, position)
-                    state = new.compiler.resized(state, setup.compiler.spec, min(m, following))
+                try:  # the new layout, compiled before the old one is let go
+                    new = prepare(config, model, optimizer, data, mesh, following, task, position,
+                                  like=setup)  # fmt: skip
+                    resized = new.compiler.resized(state, setup.compiler.spec, min(m, following))
+                    new_stage = _compile(new, resized, test)
+                    tuner.admit(following, new_stage.dispatch[new.steps_per_dispatch])
                 except Exception as error:  # the tuner decides what is fatal
                     following = tuner.failed(following, error)
                     if following is None:
                         raise
                     continue
                 setup.train_data.close()
-                setup, m = new, following
+                compiled_before += setup.compiler.seconds
+                setup, stage, state, m = new, new_stage, resized, following
                 history.use(setup.clock, run_end(setup.clock, config.epochs))
         return result(stage.setup.compiler.central_variables(state))
 
@@ -220,7 +229,8 @@ def _position(record, data: Arrays, mesh, config: TrainConfig, saved_m) -> Posit
         return Position()
     if "position" in record:
         return Position(*record["position"])
-    layout = layout_for(config.algorithm, mesh.size, saved_m, config.batch_size)
+    devices = record["run"].get("devices", mesh.size)  # as saved (elastic: not the mesh)
+    layout = layout_for(config.algorithm, devices, saved_m, config.batch_size)
     return Clock(Position(), layout.images_per_step, data.num_train).position(record["step"])
 
 

@@ -52,15 +52,27 @@ class TrainData:
         layout: devices x learners x batch of one step.
         mesh: the device mesh.
         clock: the run's epochs in steps at this layout (for the resets).
+        like: the `TrainData` of the layout this one takes over from: its
+            placement and resident training set are shared, not placed again.
     """
 
-    def __init__(self, config: TrainConfig, data: Arrays, layout: Layout, mesh, clock: Clock):
+    def __init__(
+        self,
+        config: TrainConfig,
+        data: Arrays,
+        layout: Layout,
+        mesh,
+        clock: Clock,
+        like: TrainData | None = None,
+    ):
         self.seed, self.layout, self.mesh = config.seed, layout, mesh
         self.example, self.label_example = data.example, data.label_example
         self.num_train = data.num_train
-        self.placement = resolve_placement(config, data, mesh)
+        self.placement = like.placement if like else resolve_placement(config, data, mesh)
         if self.placement == "device":
-            self.images, self.labels = self._put((data.train_x, data.train_y))
+            self.images, self.labels = (
+                (like.images, like.labels) if like else self._put((data.train_x, data.train_y))
+            )
             self.perm = None
         else:
             source = (

@@ -70,10 +70,8 @@ class Clock:
 
     An epoch takes its permutation of the training set in slices of
     `images_per_step`; the tail that does not fill a step is skipped. The
-    epoch under way at `start` continues from `start.offset`.
-
-    Raises:
-        ConfigError: not even one step fits in the training set.
+    epoch under way at `start` continues from `start.offset`. At least one
+    step must fit in the training set (`epoch_steps` checks it).
     """
 
     def __init__(self, start: Position, images_per_step: int, num_train: int):
@@ -110,21 +108,32 @@ class Clock:
         return where.epoch + where.offset / span
 
     def step_at(self, epochs: float, rounding=round) -> int | None:
-        """The global step at which `epochs` of data are consumed (None: already past)."""
+        """The global step at which `epochs` of data are consumed (None: already past).
+
+        For a run that has kept one layout this is `rounding(epochs * steps_per_epoch)`,
+        wherever the clock starts; after a change of layout, the step whose position
+        in the epoch is nearest to the same fraction of it.
+        """
         whole = int(epochs // 1)
+        spe, per_step = self.steps_per_epoch, self.per_step
         if whole < self.start.epoch:
             return None
-        done = (
-            0
-            if whole == self.start.epoch
-            else self.first + (whole - self.start.epoch - 1) * self.steps_per_epoch
-        )
         base = self.start.offset if whole == self.start.epoch else 0
-        steps = (epochs - whole) * self.steps_per_epoch - base / self.per_step
-        more = round(steps) if abs(steps - round(steps)) < 1e-9 else rounding(steps)
-        if whole == self.start.epoch and more < 0:
+        done = 0 if whole == self.start.epoch else self.first + (whole - self.start.epoch - 1) * spe
+        if base % per_step == 0:  # the same rounding as from the start of the run
+            more = _rounded(epochs * spe, rounding) - whole * spe - base // per_step
+            if more < 0:
+                return None  # earlier in the clock's first epoch
+        elif (epochs - whole) * spe * per_step < base - 1e-9:
             return None
-        return self.start.step + done + more
+        else:
+            more = _rounded(epochs * spe - base / per_step, rounding) - whole * spe
+        return self.start.step + done + max(0, more)
+
+
+def _rounded(x: float, rounding) -> int:
+    """`rounding(x)`, with float noise around whole numbers ignored."""
+    return round(x) if abs(x - round(x)) < 1e-9 else int(rounding(x))
 
 
 class Chunk(NamedTuple):

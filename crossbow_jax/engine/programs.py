@@ -29,7 +29,8 @@ from crossbow_jax.transformation.resize import resize_params, resize_state
 
 
 def resolve_execution(execution: str, mesh) -> str:
-    """ "auto": a loop unrolled in one program on CPU, vmap elsewhere (docs/performance.md)."""
+    """The engine's fallback for "auto" when no measurement chose (`crossbow_jax.train` and
+    `tune` measure it, `crossbow_jax.tuning.executions`): unroll on CPU, vmap elsewhere."""
     if execution != "auto":
         return execution
     return "unroll" if mesh.devices.flat[0].platform == "cpu" else "vmap"
@@ -165,6 +166,7 @@ def prepare(
     learners_per_device: int,
     task: Task | None = None,
     start: Position | None = None,
+    like: Setup | None = None,
 ) -> Setup:
     """Lays out `learners_per_device` learners, places the training data, readies the compiler.
 
@@ -178,6 +180,7 @@ def prepare(
         task: the loss and figures (`crossbow_jax.engine.checks.check_run`);
             None: softmax cross-entropy and accuracy.
         start: where the run stands when this layout takes over (None: at the start).
+        like: the setup this one takes over from (its placed training set is shared).
 
     Raises:
         ConfigError: not even one step fits in the training set (before any work).
@@ -195,5 +198,5 @@ def prepare(
         task or Task(),
     )
     compiler = Compiler(spec, mesh, config.mapper)
-    train_data = TrainData(config, data, layout, mesh, clock)
+    train_data = TrainData(config, data, layout, mesh, clock, like and like.train_data)
     return Setup(layout, clock, compiler, train_data, *resolve_dispatch(config, mesh))

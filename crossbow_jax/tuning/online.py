@@ -26,8 +26,12 @@ from collections.abc import Callable
 from typing import Any
 
 from crossbow_jax.engine.config import ConfigError, TrainConfig
-from crossbow_jax.tuning.measure import is_out_of_memory
+from crossbow_jax.tuning.measure import is_out_of_memory, program_memory
 from crossbow_jax.tuning.search import Search
+
+
+class OverMemory(RuntimeError):
+    """A setting's compiled program needs more than `tune_memory_limit` bytes per device."""
 
 
 def windows_throughput(samples: list[tuple[int, float]], windows: int) -> float | None:
@@ -81,6 +85,7 @@ class OnlineTuner:
         self.search = Search(config.tune_strategy, config.tune_threshold, self.cap)
         self.curve: list[dict[str, Any]] = []
         self.since: int | None = None  # the step where the setting being measured began
+        self.pending: list[list] = []  # its (images, seconds, steps) recorded before a resume
         self.info = {
             "mode": "online",
             "strategy": config.tune_strategy,
@@ -106,14 +111,29 @@ class OnlineTuner:
         return self.search.propose()
 
     def until(self, step: int, steps_per_dispatch: int) -> int:
-        if self.since is None:
-            self.since = step
         per_window = math.ceil(self.config.tune_steps / steps_per_dispatch) * steps_per_dispatch
-        return self.since + per_window * (self.config.tune_repeats + 1)
+        interval = per_window * (self.config.tune_repeats + 1)
+        if self.since is not None and self.since + interval <= step and self.pending:
+            return step  # resumed at the interval's end: observe what it recorded
+        if self.since is None or self.since + interval <= step:  # (re)starts here
+            self.since, self.pending = step, []
+        return self.since + interval
+
+    def record(self, samples: list[tuple[int, float, int]]) -> None:
+        """The current interval's samples so far (kept in checkpoints)."""
+        self.pending = [list(s) for s in samples]
+
+    def admit(self, learners: int, program: Any) -> None:
+        limit = self.config.tune_memory_limit
+        need = program_memory(program) if limit is not None else None
+        if need is not None and need > limit:
+            raise OverMemory(f"estimated {need} bytes per device, over tune_memory_limit={limit}")
 
     def observe(
         self, learners: int, samples: list[tuple[int, float, int]], compile_seconds: float
     ) -> int:
+        samples = [tuple(s) for s in self.pending] + list(samples)  # from before a resume
+        self.pending = []
         measured = windows_throughput([(i, t) for i, t, _ in samples], self.config.tune_repeats + 1)
         self.curve.append(
             {
@@ -136,13 +156,16 @@ class OnlineTuner:
         return self._next(learners)
 
     def failed(self, learners: int, error: BaseException) -> int | None:
-        if not is_out_of_memory(error) or self.search.propose() != learners:
+        over = isinstance(error, OverMemory)
+        if not (over or is_out_of_memory(error)) or self.search.propose() != learners:
             return None
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         self.curve.append(
-            {"learners": learners, "images_per_second": None, "status": "oom", "steps": 0,
-             "compile_seconds": None, "error": first}
+            {"learners": learners, "images_per_second": None, "steps": 0,
+             "status": "memory" if over else "oom", "compile_seconds": None, "error": first}
         )  # fmt: skip
+        self.log(f"online tuner: {learners} learner(s) per device do not fit ({first})")
+        self.since = None
         self.search.record(None)
         return self._next(learners)
 
@@ -164,15 +187,19 @@ class OnlineTuner:
             "chosen": self.search.chosen,
             "deciding": self.deciding,
             "since": self.since if self.deciding else None,
+            "pending": self.pending if self.deciding else [],
             "curve": [dict(r) for r in self.curve],
             "tuning_steps": sum(r["steps"] for r in self.curve),
             "compile_seconds": sum(r["compile_seconds"] or 0.0 for r in self.curve),
         }
 
     def replay(self, report: dict[str, Any]) -> int:
+        # The rule as the run was started with it (tune_* may differ on resume).
+        self.search = Search(report["strategy"], report["threshold"], report["max_learners"])
+        self.info.update({k: report[k] for k in ("strategy", "threshold", "max_learners")})
         for row in report.get("curve", []):
             self.curve.append(dict(row))
             self.search.record(row["images_per_second"])
-        self.since = report.get("since")
+        self.since, self.pending = report.get("since"), list(report.get("pending", []))
         proposed = self.search.propose()
         return proposed if proposed is not None else self.search.chosen

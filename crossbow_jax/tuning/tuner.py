@@ -81,6 +81,7 @@ def search_learners(
         search.record(row["images_per_second"])
     device = mesh.devices.flat[0]
     result = {
+        "mode": "trials",
         "chosen": search.chosen,
         "strategy": cfg.tune_strategy,
         "threshold": cfg.tune_threshold,

@@ -20,9 +20,9 @@ dispatches called back to back) runs as:
   device), the most the device does with that many images per step.
 
 Efficiency = images/s of the m learners / images/s of the bound. For each
-model, the largest setting is also handed to the tuner's measured choice
-(`execution="auto"`, `crossbow_jax.tuning.executions`, no cache), and its pick
-is printed and stored. Models:
+model (the first only with `--quick`), the largest m at the smallest b is also
+handed to the tuner's measured choice (`execution="auto"`,
+`crossbow_jax.tuning.executions`, no cache), and its pick is printed and stored. Models:
 LeNet (28x28x1) and a ResNet block (ResNet-32's stem and one BasicBlock of its
 first stage, 32x32x16 activations, BatchNorm; input 32x32x3). The three
 variants of one setting are timed in interleaved rounds; each figure is a
@@ -155,7 +155,7 @@ def main(argv=None) -> list[dict[str, Any]]:
         rows += measure(name, model, shape, images, m, b, repeats)
         print(f"  {name} b={b} m={m}: " + ", ".join(
             f"{r['variant']} {r['images_per_second']:.0f} img/s" for r in rows[-4:]))  # fmt: skip
-    for name, (model, shape, _) in grid["models"].items():
+    for name, (model, shape, _) in list(grid["models"].items())[: 1 if args.quick else None]:
         m, b = max(grid["learners"]), min(grid["batches"])
         rows.append(auto_choice(name, model, shape, m, b))
         print(f"  {name} b={b} m={m}: execution='auto' chose {rows[-1]['chosen']}")
