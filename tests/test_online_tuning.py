@@ -161,3 +161,24 @@ def test_elastic_resume_on_other_devices_and_learners(tmp_path):
     epochs = [row["epoch"] for row in second.history]
     assert epochs[: len(first.history)] == [row["epoch"] for row in first.history]
     assert epochs[-1] == 2.0 and second.accuracy > 0.9
+
+
+def test_a_setting_that_does_not_fit_sends_the_run_back(scripted, monkeypatch):
+    kw = dict(learners_per_device="auto", epochs=1, **KW)
+    monkeypatch.setattr(online, "program_memory", lambda program: 2**30)  # every estimate: 1 GiB
+    r = crossbow_jax.train(MLP(), TRAIN, TEST, tune_memory_limit=2**20, **kw)
+    assert [(c["learners"], c["status"]) for c in r.tuning["curve"]] == [(1, "ok"), (2, "memory")]
+    assert r.learners_per_device == 1 and {row["learners_per_device"] for row in r.history} == {1}
+
+    original = Compiler.resized
+
+    def out_of_memory(self, state, before, keep):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+
+    monkeypatch.setattr(Compiler, "resized", out_of_memory)
+    r = crossbow_jax.train(MLP(), TRAIN, TEST, **kw)
+    assert [c["status"] for c in r.tuning["curve"]] == ["ok", "oom"] and r.tuning["chosen"] == 1
+    monkeypatch.setattr(Compiler, "resized", original)
+    with pytest.raises(ZeroDivisionError):  # anything else is not the tuner's to absorb
+        monkeypatch.setattr(Compiler, "resized", lambda *a: 1 / 0)
+        crossbow_jax.train(MLP(), TRAIN, TEST, **kw)

@@ -180,9 +180,10 @@ class TrainConfig:
     progress: bool = option(True, "a progress bar on stderr", _E, identity=False)
     tune_mode: str = option(
         "online",
-        "online: train from the first step with 1 learner per device and add learners while "
-        "throughput rises (the paper's tuner: tuning steps are training steps); trials: "
-        "measure settings on throw-away steps before training",
+        "with learners_per_device='auto': online trains from the first step with 1 learner "
+        "per device and adds learners while throughput rises (the paper's tuner: tuning "
+        "steps are training steps); trials measure settings on throw-away steps before "
+        "training (crossbow-jax tune always does)",
         _T, choices=TUNE_MODES, identity=False,
     )  # fmt: skip
     tune_strategy: str = option(
