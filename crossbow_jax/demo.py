@@ -19,7 +19,7 @@ DEMO = {
     "batch_size": 16,
     "learners_per_device": 4,
     "algorithm": "sma",
-    "epochs": 3,
+    "epochs": 5,
     "learning_rate": 0.05,
     "eval_every": 300,
     "target_accuracy": 0.99,
