@@ -57,3 +57,25 @@ def prepared(config, model, train, test=None, optimizer=None):
 
     model, data, mesh = resolve(config, model, train, test)
     return prepare(config, model, optimizer, data, mesh, config.learners_per_device), data
+
+
+def he_variables(shapes, seed=0, residual_scale=1.0):
+    """Variables of the given shapes built in numpy (compiling the initialisers takes
+    seconds): He-scaled random kernels, other parameters zero, BatchNorm scales and
+    variances one, except the last BatchNorm scale of each bottleneck block:
+    `residual_scale` (as in zero-init residual training)."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        key = jax.tree_util.keystr(path)
+        if "kernel" in key:
+            std = np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
+            return jnp.asarray(rng.normal(0.0, std, leaf.shape), leaf.dtype)
+        if "Bottleneck" in key and "BatchNorm_2']['scale" in key:
+            return jnp.full(leaf.shape, residual_scale, leaf.dtype)
+        return jnp.full(leaf.shape, 1.0 if "scale" in key or "var" in key else 0.0, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)

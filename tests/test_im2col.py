@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _engine_fixtures import he_variables
 from flax import nnx
 from jax import lax
 from jax.extend.core import jaxprs_in_params
@@ -233,28 +234,9 @@ class _UserNet(nn.Module):
         return nn.Dense(3)(x.mean(axis=(1, 2)))
 
 
-def _fill(shapes, seed=0, residual_scale=1.0):
-    """Variables of the given shapes, He-scaled random kernels, made in numpy (the
-    initialisers would take seconds to compile). Other parameters are zero, BatchNorm
-    scales and variances one, except the last BatchNorm scale of each bottleneck block:
-    `residual_scale` (as in zero-init residual training)."""
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        key = jax.tree_util.keystr(path)
-        if "kernel" in key:
-            std = np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
-            return jnp.asarray(rng.normal(0.0, std, leaf.shape), leaf.dtype)
-        if "Bottleneck" in key and "BatchNorm_2']['scale" in key:
-            return jnp.full(leaf.shape, residual_scale, leaf.dtype)
-        return jnp.full(leaf.shape, 1.0 if "scale" in key or "var" in key else 0.0, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
 def test_user_linen_model_with_remat_and_scan():
     model, x = _UserNet(), _normal(0, (2, 12, 12, 3))
-    params = _fill(jax.eval_shape(model.init, jax.random.key(0), x))
+    params = he_variables(jax.eval_shape(model.init, jax.random.key(0), x))
 
     def checks(apply):
         def loss(params, x):
@@ -352,7 +334,7 @@ def test_registry_model_matches_dense_in_training(name, size):
     model, spec = as_model(models.get_model(name)), models.get_spec(name)
     x = _normal(1, (2, size, size, spec.input_shape[-1]))
     x_rounded = x * (1 + 1e-6 * _normal(4, x.shape))  # a few ulps
-    variables = _fill(models.variable_shapes(name), residual_scale=0.05)
+    variables = he_variables(models.variable_shapes(name), residual_scale=0.05)
     params, state = variables["params"], variables.get("batch_stats", {})
     weights, key = _normal(2, (2, spec.num_classes)), jax.random.key(3)
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _engine_fixtures import he_variables
 
 from crossbow_jax import models
 from crossbow_jax.models import stats
@@ -40,17 +41,7 @@ def _leaves(tree):
 
 def _numpy_init(name, seed=0):
     """He-scaled random variables built in numpy: skips compiling the initialisers."""
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        key = jax.tree_util.keystr(path)
-        if "kernel" in key:
-            std = np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
-            return jnp.asarray(rng.normal(0.0, std, leaf.shape), leaf.dtype)
-        ones = "scale" in key or "var" in key
-        return jnp.full(leaf.shape, 1.0 if ones else 0.0, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, models.variable_shapes(name))
+    return he_variables(models.variable_shapes(name), seed)
 
 
 @pytest.fixture(scope="module")
