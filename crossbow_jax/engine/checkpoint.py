@@ -183,7 +183,7 @@ class Checkpointer:
         """
         step = self.latest_step()
         folder = os.path.join(self.directory, "checkpoints", str(step), "state")
-        with ocp.StandardCheckpointer() as reader:
+        with ocp.StandardCheckpointer() as reader, _quiet_orbax():  # no per-item warnings
             saved = reader.metadata(folder).item_metadata
         saved = getattr(saved, "tree", saved)
 
