@@ -6,19 +6,39 @@ Synchronous Model Averaging (SMA).
 
 from crossbow_jax.api import train
 from crossbow_jax.engine import ConfigError, TrainConfig, TrainingDiverged, TrainResult, load_run
-from crossbow_jax.transformation import SMAState, SSGDState, sma, sma_average, ssgd
+from crossbow_jax.transformation import (
+    DiLoCoState,
+    HierarchicalState,
+    LocalSGDState,
+    SMAState,
+    SSGDState,
+    central_params,
+    diloco,
+    hierarchical,
+    local_sgd,
+    sma,
+    sma_average,
+    ssgd,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "DiLoCoState",
+    "HierarchicalState",
+    "LocalSGDState",
     "SMAState",
     "SSGDState",
     "TrainConfig",
     "TrainResult",
     "TrainingDiverged",
     "__version__",
+    "central_params",
+    "diloco",
+    "hierarchical",
     "load_run",
+    "local_sgd",
     "sma",
     "sma_average",
     "ssgd",

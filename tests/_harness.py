@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from crossbow_jax.engine.mapping import DEVICE_AXIS, device_map, make_mesh
+from crossbow_jax.engine.mapping import DEVICE_AXIS, HOST_AXIS, device_map, make_mesh
 
 SHAPES = {"a": (3,), "b": (2, 2)}
 N = sum(int(np.prod(s)) for s in SHAPES.values())
@@ -42,11 +42,25 @@ def linear_grads(params, s, t):
     return jax.tree.map(lambda w, s_, t_: s_ * w - t_, params, s, t)
 
 
-def run_mapped(make_opt, *, devices, m, steps, mapper, seed=0):
+def _hosts_pmap(fn, hosts):
+    """`fn` over (hosts * devices, ...) arrays: a pmap over hosts of a named vmap over each
+    host's devices (jax 0.10 cannot nest pmaps)."""
+    inner = jax.pmap(jax.vmap(fn, axis_name=DEVICE_AXIS), axis_name=HOST_AXIS)
+
+    def run(*args):
+        split = jax.tree.map(lambda x: x.reshape((hosts, -1) + x.shape[1:]), args)
+        return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), inner(*split))
+
+    return run
+
+
+def run_mapped(make_opt, *, devices, m, steps, mapper, seed=0, hosts=1):
     """Runs `steps` updates with m learners on each of `devices` devices.
 
     Args:
-        make_opt: axis_name -> transformation.
+        make_opt: axis_name -> transformation; with `hosts` > 1,
+            (axis_name, host_axis) -> transformation, on a hosts x devices mesh
+            (pmap: a pmap over hosts of a named vmap over a host's devices).
 
     Returns:
         (learner params flattened (k, N), state with a leading device axis,
@@ -54,8 +68,8 @@ def run_mapped(make_opt, *, devices, m, steps, mapper, seed=0):
     """
     k = devices * m
     w0, s, t = problem(k, seed)
-    mesh = make_mesh(jax.devices()[:devices])
-    opt = make_opt(DEVICE_AXIS)
+    mesh = make_mesh(jax.devices()[:devices], hosts=hosts)
+    opt = make_opt(DEVICE_AXIS, HOST_AXIS) if hosts > 1 else make_opt(DEVICE_AXIS)
     as_tree = lambda a: unflatten(jnp.asarray(a, jnp.float32).reshape(devices, m, N))
     params = as_tree(np.tile(w0, (k, 1)))
     s_tree, t_tree = as_tree(s), as_tree(t)
@@ -64,8 +78,10 @@ def run_mapped(make_opt, *, devices, m, steps, mapper, seed=0):
         updates, state = opt.update(linear_grads(params, s_, t_), state, params)
         return optax.apply_updates(params, updates), state
 
-    init = device_map(opt.init, mesh, mapper)
-    step = device_map(step, mesh, mapper)
+    if mapper == "pmap" and hosts > 1:
+        init, step = _hosts_pmap(opt.init, hosts), _hosts_pmap(step, hosts)
+    else:
+        init, step = device_map(opt.init, mesh, mapper), device_map(step, mesh, mapper)
     if mapper == "shard_map":
         init, step = jax.jit(init), jax.jit(step)
     state = init(params)

@@ -36,3 +36,90 @@ def ssgd_reference(w0, s, t, *, steps, lr, beta):
         u, buf = sgd_step((s * w - t).mean(axis=0), buf, lr, beta)
         w = w + u
     return w
+
+
+def nesterov_sgd_step(g, buf, lr, beta):
+    """optax.sgd(lr, momentum=beta, nesterov=True): buf <- g + beta * buf; step = -lr * (g + beta * buf)."""
+    buf = g + beta * buf
+    return -lr * (g + beta * buf), buf
+
+
+def is_sync(t, period):
+    """The update with t updates before it synchronises."""
+    return (t + 1) % period == 0
+
+
+def sma_period_reference(w0, s, t, *, steps, lr, beta, alpha, mu, sync_every):
+    """Algorithm 1 on sync steps only; in between each learner steps alone, z stays."""
+    k = s.shape[0]
+    w = np.tile(np.asarray(w0, np.float64), (k, 1))
+    z = z_prev = np.asarray(w0, np.float64).copy()
+    buf = np.zeros_like(w)
+    for step in range(steps):
+        u, buf = sgd_step(s * w - t, buf, lr, beta)
+        if is_sync(step, sync_every):
+            c = alpha * (w - z)
+            w = w + u - c
+            z, z_prev = z + c.sum(axis=0) + mu * (z - z_prev), z
+        else:
+            w = w + u
+    return w, z
+
+
+def local_sgd_reference(w0, s, t, *, steps, lr, beta, every):
+    """Local SGD: own steps; every `every` updates all learners become their mean."""
+    k = s.shape[0]
+    w = np.tile(np.asarray(w0, np.float64), (k, 1))
+    average = np.asarray(w0, np.float64).copy()
+    buf = np.zeros_like(w)
+    for step in range(steps):
+        u, buf = sgd_step(s * w - t, buf, lr, beta)
+        w = w + u
+        if is_sync(step, every):
+            average = w.mean(axis=0)
+            w = np.tile(average, (k, 1))
+    return w, average
+
+
+def diloco_reference(w0, s, t, *, steps, lr, beta, every, outer_lr, outer_beta):
+    """DiLoCo with an SGD inner optimiser and a Nesterov SGD outer optimiser."""
+    k = s.shape[0]
+    w = np.tile(np.asarray(w0, np.float64), (k, 1))
+    theta = np.asarray(w0, np.float64).copy()
+    buf, outer_buf = np.zeros_like(w), np.zeros_like(theta)
+    for step in range(steps):
+        u, buf = sgd_step(s * w - t, buf, lr, beta)
+        w = w + u
+        if is_sync(step, every):
+            delta = theta - w.mean(axis=0)
+            outer_u, outer_buf = nesterov_sgd_step(delta, outer_buf, outer_lr, outer_beta)
+            theta = theta + outer_u
+            w = np.tile(theta, (k, 1))
+    return w, theta
+
+
+def hierarchical_reference(
+    w0, s, t, *, hosts, steps, lr, beta, alpha, mu, every, outer_lr, outer_beta
+):
+    """SMA inside each host (rows host-major) at every update; DiLoCo across hosts."""
+    k = s.shape[0]
+    per_host = k // hosts
+    w = np.tile(np.asarray(w0, np.float64), (k, 1))
+    z = np.tile(np.asarray(w0, np.float64), (hosts, 1))
+    z_prev = z.copy()
+    theta = np.asarray(w0, np.float64).copy()
+    buf, outer_buf = np.zeros_like(w), np.zeros_like(theta)
+    host = np.repeat(np.arange(hosts), per_host)
+    for step in range(steps):
+        u, buf = sgd_step(s * w - t, buf, lr, beta)
+        c = alpha * (w - z[host])
+        w = w + u - c
+        sums = np.stack([c[host == h].sum(axis=0) for h in range(hosts)])
+        z, z_prev = z + sums + mu * (z - z_prev), z
+        if hosts > 1 and is_sync(step, every):
+            delta = theta - z.mean(axis=0)
+            outer_u, outer_buf = nesterov_sgd_step(delta, outer_buf, outer_lr, outer_beta)
+            theta = theta + outer_u
+            shift = theta[None] - z
+            w, z, z_prev = w + shift[host], z + shift, z_prev + shift
+    return w, z, theta

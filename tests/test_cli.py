@@ -102,18 +102,33 @@ def test_flag_defaults_are_the_config_defaults():
 
 def test_flags_reach_the_config():
     flags = (
-        "--batch-size 32 --learners-per-device 3 --algorithm ssgd --epochs 9 --lr 0.1 "
-        "--lr-milestones 3 6 --alpha 0.2 --wd 5e-4 --output /tmp/x --checkpoint-every 7 "
-        "--resume --no-progress --mapper pmap"
+        "--batch-size 32 --learners-per-device 3 --algorithm sma --sync-every 4 --epochs 9 "
+        "--lr 0.1 --lr-milestones 3 6 --alpha 0.2 --wd 5e-4 --output /tmp/x "
+        "--checkpoint-every 7 --resume --no-progress --mapper pmap"
     )
-    args = _train_parser().parse_args(flags.split(" "))
-    cfg = _common.config_from_args(args)
+    parse = lambda text: _common.config_from_args(_train_parser().parse_args(text.split(" ")))
+    cfg = parse(flags)
     assert (cfg.batch_size, cfg.learners_per_device, cfg.algorithm, cfg.epochs) == (
-        32, 3, "ssgd", 9.0,
+        32, 3, "sma", 9.0,
     )  # fmt: skip
     assert cfg.lr_milestones == (3.0, 6.0) and cfg.alpha == 0.2 and cfg.weight_decay == 5e-4
     assert cfg.checkpoint_dir == "/tmp/x" and cfg.checkpoint_every == 7 and cfg.resume
     assert not cfg.progress and cfg.mapper == "pmap" and cfg.learning_rate == 0.1
+    assert cfg.sync_every == 4
+    cfg = parse("--algorithm hierarchical --every 8 --hosts 2 --outer-lr 0.5 --outer-momentum 0.8")
+    assert (cfg.algorithm, cfg.sync_every, cfg.hosts) == ("hierarchical", 8, 2)
+    assert (cfg.outer_learning_rate, cfg.outer_momentum) == (0.5, 0.8)
+
+
+def test_settings_an_algorithm_would_ignore_are_refused_in_one_line(capsys):
+    for flags, named in [
+        ("--algorithm ssgd --alpha 0.2", "alpha=0.2 is SMA's"),
+        ("--algorithm diloco", "needs sync_every"),
+        ("--algorithm sma --outer-lr 0.5", "outer_learning_rate=0.5 applies to"),
+    ]:
+        assert cli.main(["train", "--dataset", "synthetic", *flags.split(" ")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and named in err[0], err
 
 
 def test_train_end_to_end_prints_one_result_line_and_writes_the_run_folder(run_folder):

@@ -78,6 +78,7 @@ def summary(result, **extra: Any) -> dict[str, Any]:
         "devices",
         "tuning",
         "executions",
+        "all_reduce_bytes",
     )
     out = dict(extra, **{name: getattr(result, name) for name in fields})
     out["processes"] = jax.process_count()
@@ -103,6 +104,14 @@ def write_run_files(folder: str, result, **extra: Any) -> None:
     _write_json(os.path.join(folder, RESULT_FILE), summary(result, **extra))
 
 
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024 or unit == "MiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:,.1f} GiB"
+
+
 def result_line(result) -> str:
     """The one line a run ends with."""
     cfg = result.config
@@ -124,9 +133,13 @@ def result_line(result) -> str:
     m, b = result.learners_per_device, cfg.batch_size
     chosen = " (auto)" if cfg.learners_per_device == "auto" else ""
     learners = f"{m} learner{'s' if m != 1 else ''}{chosen}"
-    layout = f"{learners} x batch {b}" if cfg.algorithm == "sma" else f"batch {m} x {b}{chosen}"
+    layout = f"batch {m} x {b}{chosen}" if cfg.algorithm == "ssgd" else f"{learners} x batch {b}"
     devices = f"{result.devices} device{'s' if result.devices != 1 else ''}"
-    parts.append(f"{cfg.algorithm}, {devices} x {layout}, {result.steps} steps")
+    algorithm = cfg.algorithm + (f" every {cfg.sync_every}" if cfg.sync_every else "")
+    parts.append(f"{algorithm}, {devices} x {layout}, {result.steps} steps")
+    if result.all_reduce_bytes:
+        split = ", ".join(f"{_bytes(v)} {k}" for k, v in sorted(result.all_reduce_bytes.items()))
+        parts.append(f"all-reduce {split} per step")
     auto = " (measured)" if result.executions and not result.executions.get("cached") else ""
     auto = " (cached choice)" if result.executions and result.executions.get("cached") else auto
     parts.append(f"execution {cfg.execution}{auto}")

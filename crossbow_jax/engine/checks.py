@@ -19,7 +19,8 @@ from crossbow_jax.engine.config import ConfigError, TrainConfig
 from crossbow_jax.engine.inputs import Arrays
 from crossbow_jax.engine.task import RESERVED, LossFn, MetricsFn, Task
 from crossbow_jax.models.adapters import LinenModel, Model
-from crossbow_jax.transformation import SMAState, SSGDState, sma
+from crossbow_jax.transformation import sma
+from crossbow_jax.transformation.central import FAMILY
 
 DEFAULT_LOSS = "the default loss is softmax cross-entropy on integer class labels"
 
@@ -213,11 +214,11 @@ def check_optimizer(optimizer: Any, params: Any) -> None:
         raise ConfigError(f"optimizer contains a {found[0]}; {_WRAPS}")
 
 
-_WRAPS = "pass the learner optimiser; the engine wraps it (algorithm='sma' or 'ssgd')"
+_WRAPS = "pass the learner optimiser; the engine wraps it (the algorithm option: sma, ssgd, ...)"
 
 
 def _is_wrapper(node) -> bool:
-    return isinstance(node, SMAState | SSGDState)
+    return isinstance(node, FAMILY)
 
 
 def _first_line(error: BaseException) -> str:

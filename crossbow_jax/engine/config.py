@@ -15,6 +15,7 @@ import json
 import os
 from typing import Any
 
+from crossbow_jax.engine.algorithms import ALGORITHMS, SMA_FAMILY, check_algorithm
 from crossbow_jax.engine.options import (
     GROUPS,
     NON_NEGATIVE,
@@ -31,7 +32,6 @@ from crossbow_jax.engine.options import (
 
 __all__ = ["ConfigError", "TrainConfig", "check_field", "kind", "make_config"]
 
-ALGORITHMS = ("sma", "ssgd")
 EXECUTIONS = ("auto", "vmap", "unroll", "im2col")
 MAPPERS = ("shard_map", "pmap")
 DTYPES = ("float32", "bfloat16")
@@ -61,7 +61,10 @@ class TrainConfig:
     algorithm: str = option(
         "sma",
         "sma: m x devices learners at batch b, kept together by SMA; ssgd: the "
-        "synchronous-SGD baseline, one learner per device at batch m x b",
+        "synchronous-SGD baseline, one learner per device at batch m x b; local_sgd: the "
+        "learners averaged every sync_every steps; diloco: an outer Nesterov step on their "
+        "mean change every sync_every steps; hierarchical: SMA inside each host, DiLoCo "
+        "across hosts every sync_every steps (docs/sma.md)",
         _L, choices=ALGORITHMS,
     )  # fmt: skip
     epochs: float = option(
@@ -104,8 +107,31 @@ class TrainConfig:
         range=POSITIVE, none="1/k",
     )  # fmt: skip
     central_momentum: float = option(
-        0.9, "momentum of the central model", _S, range=UNIT, metavar="MU"
+        0.9, "momentum of the central model (sma, hierarchical)", _S, range=UNIT, metavar="MU"
     )
+    sync_every: int | None = option(
+        None,
+        "updates between synchronisations: sma's period (1: Algorithm 1 at every step), the "
+        "H of local_sgd and diloco, the outer period across hosts of hierarchical (default: "
+        "1 for sma; local_sgd, diloco and hierarchical need it)",
+        _S, at_least=1, flags=("--sync-every", "--every"), metavar="H",
+    )  # fmt: skip
+    outer_learning_rate: float | None = option(
+        None, "diloco, hierarchical: the outer Nesterov SGD's learning rate (default: 0.7)",
+        _S, range=POSITIVE, none="0.7", flags=("--outer-lr", "--outer-learning-rate"),
+        metavar="LR",
+    )  # fmt: skip
+    outer_momentum: float | None = option(
+        None, "diloco, hierarchical: the outer Nesterov SGD's momentum (default: 0.9)", _S,
+        range=UNIT, none="0.9", metavar="MU",
+    )  # fmt: skip
+    hosts: int | None = option(
+        None,
+        "hosts of a hosts x devices mesh (hierarchical: SMA inside a host, DiLoCo across); "
+        "in one process, groups of the local devices simulate them (default: the number of "
+        "processes for hierarchical, none for the others)",
+        _S, at_least=1, metavar="H",
+    )  # fmt: skip
     eval_every: int = option(
         0, "also evaluate the central model every this many steps (0: at epoch ends only)",
         _E, at_least=0, metavar="STEPS", identity=False,
@@ -249,16 +275,22 @@ class TrainConfig:
             raise ConfigError("elastic=True changes how a run resumes; it needs resume=True")
         if self.resume and not self.checkpoint_dir:
             raise ConfigError("resume=True needs checkpoint_dir (the folder of the run to resume)")
-        if self.reset_at_drops and (self.algorithm != "sma" or not self.lr_milestones):
+        if self.reset_at_drops and (self.algorithm not in SMA_FAMILY or not self.lr_milestones):
             raise ConfigError(
                 "reset_at_drops=True moves SMA's learners onto the central model at the "
-                "lr_milestones; it needs algorithm='sma' and lr_milestones"
+                "lr_milestones; it needs algorithm='sma' (or 'hierarchical') and lr_milestones"
             )
+        check_algorithm(self)
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ConfigError(
                 f"checkpoint_every={self.checkpoint_every} needs checkpoint_dir (where "
                 "checkpoints go); set checkpoint_dir or leave checkpoint_every at 0"
             )
+
+    @property
+    def period(self) -> int:
+        """Updates between synchronisations (1: every update)."""
+        return self.sync_every or 1
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)

@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 
 from crossbow_jax import models
@@ -209,6 +210,25 @@ class Resolved(NamedTuple):
     mesh: Any
 
 
+def resolve_hosts(config: TrainConfig) -> int:
+    """The mesh's hosts: `config.hosts`, else the processes for hierarchical, else 1.
+
+    Raises:
+        ConfigError: hierarchical with one host (it would be plain SMA).
+    """
+    if config.hosts is not None:
+        return config.hosts
+    if config.algorithm != "hierarchical":
+        return 1
+    if jax.process_count() == 1:
+        raise ConfigError(
+            "algorithm='hierarchical' runs DiLoCo across hosts, and this is one process: set "
+            "hosts=2 (or more) to split the local devices into simulated hosts, or start "
+            "several processes (docs/usage.md)"
+        )
+    return jax.process_count()
+
+
 def resolve(
     config: TrainConfig,
     model: Any,
@@ -225,6 +245,6 @@ def resolve(
     dtype. Nothing is placed on a device yet.
     """
     data = resolve_data(train, test, data_dir=data_dir, augment=augment)
-    mesh = make_mesh(select_devices(config.num_devices))
+    mesh = make_mesh(select_devices(config.num_devices), hosts=resolve_hosts(config))
     module = resolve_model(model, data.num_classes, config.dtype, config.mode_keyword)
     return Resolved(module, data, mesh)

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, Protocol
 import jax
 import numpy as np
 
-from crossbow_jax.engine import mapping
+from crossbow_jax.engine import mapping, traffic
 from crossbow_jax.engine.checkpoint import Checkpointer
 from crossbow_jax.engine.checks import check_run
 from crossbow_jax.engine.config import TrainConfig
@@ -178,6 +178,11 @@ def fit(
                 model=model,
                 central=central,
                 input_shape=data.example.shape[1:],
+                all_reduce_bytes=traffic.per_step(
+                    stage.setup.compiler.traffic,
+                    history.step,
+                    traffic.sync_steps(0, history.step, config.period),
+                ),
             )
 
         def save(step: int, state) -> None:

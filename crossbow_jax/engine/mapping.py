@@ -5,6 +5,11 @@ axis in its global shape: parameters are `(devices, learners, ...)`, the
 central model `(devices, ...)`. The per-device function sees that axis
 removed, whichever mapper runs it, so the same function gives the same
 results under both.
+
+A run with hosts (the hierarchical algorithm) has a 2-axis mesh, hosts x
+devices in a host (`make_mesh(devices, hosts=H)`); the leading axis of the
+global arrays then runs over both, host-major, and `device_axes(mesh)` names
+the collectives over all devices. Only `shard_map` maps such a mesh.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 from crossbow_jax.engine.config import MAPPERS, ConfigError
 
 DEVICE_AXIS = "devices"
+HOST_AXIS = "hosts"
 
 # XLA:CPU ends the process ("Termination timeout ... exceeded") when a thread
 # of a collective waits past a timeout. Simulated devices share the host's
@@ -60,16 +66,35 @@ def select_devices(num_devices: int | None = None) -> list[jax.Device]:
     return list(available[:num_devices])
 
 
-def make_mesh(devices: Sequence[jax.Device] | None = None, axis_name: str = DEVICE_AXIS) -> Mesh:
-    """A 1-D mesh over `devices` (default: all devices) with one named axis.
+def make_mesh(
+    devices: Sequence[jax.Device] | None = None, axis_name: str = DEVICE_AXIS, *, hosts: int = 1
+) -> Mesh:
+    """A mesh over `devices` (default: all devices): one named axis, or hosts x devices.
 
-    The axis is `Auto`, so jitted code may reshard implicitly and results can
-    be indexed like ordinary arrays.
+    With `hosts` > 1 the devices, in order, are split into `hosts` equal groups
+    (in a multi-process run: the processes, whose devices come in process
+    order) on a 2-axis mesh (`HOST_AXIS`, `axis_name`). The axes are `Auto`, so
+    jitted code may reshard implicitly and results can be indexed like
+    ordinary arrays.
     """
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("devices is empty; pass at least one jax device")
-    return Mesh(np.asarray(devices), (axis_name,), axis_types=(AxisType.Auto,))
+    if hosts == 1:
+        return Mesh(np.asarray(devices), (axis_name,), axis_types=(AxisType.Auto,))
+    if hosts < 1 or len(devices) % hosts:
+        raise ConfigError(
+            f"hosts={hosts} must divide the {len(devices)} devices into equal groups; "
+            "pick a divisor of the device count"
+        )
+    grid = np.asarray(devices).reshape(hosts, len(devices) // hosts)
+    return Mesh(grid, (HOST_AXIS, axis_name), axis_types=(AxisType.Auto,) * 2)
+
+
+def device_axes(mesh: Mesh) -> str | tuple[str, ...]:
+    """The axis name(s) of a collective over all the mesh's devices."""
+    names = tuple(mesh.axis_names)
+    return names[0] if len(names) == 1 else names
 
 
 def device_map(
@@ -78,15 +103,16 @@ def device_map(
     mapper: str = "shard_map",
     **pmap_kwargs: Any,
 ) -> Callable[..., Any]:
-    """Maps a per-device function over the mesh's one axis.
+    """Maps a per-device function over the mesh's devices.
 
     Arguments and results of the returned function carry a leading axis of
-    size `mesh.size`; `fn` sees one slice of it. Inside `fn` the device axis
-    is named `mesh.axis_names[0]`, for `lax.psum` and friends.
+    size `mesh.size`; `fn` sees one slice of it. Inside `fn` the axes are the
+    mesh's names: `device_axes(mesh)` reduces over all devices, for `lax.psum`
+    and friends.
 
     Args:
         fn: the per-device function.
-        mesh: a 1-D mesh, e.g. from `make_mesh`.
+        mesh: a mesh from `make_mesh` (one axis, or hosts x devices for shard_map).
         mapper: "shard_map" (default) or "pmap".
         **pmap_kwargs: extra arguments for `jax.pmap` (e.g. `donate_argnums`).
 
@@ -97,22 +123,25 @@ def device_map(
     """
     if mapper not in MAPPERS:
         raise ValueError(f"mapper={mapper!r} is not one of {MAPPERS}")
-    if len(mesh.axis_names) != 1:
-        raise ValueError(f"mesh has axes {mesh.axis_names}; device_map needs a 1-D mesh")
-    (axis,) = mesh.axis_names
+    axes = device_axes(mesh)
     if mapper == "pmap":
-        return jax.pmap(fn, axis_name=axis, devices=list(mesh.devices.flat), **pmap_kwargs)
+        if len(mesh.axis_names) != 1:
+            raise ConfigError(
+                f"mesh has axes {mesh.axis_names}; pmap maps one axis: use mapper='shard_map' "
+                "for hosts > 1"
+            )
+        return jax.pmap(fn, axis_name=axes, devices=list(mesh.devices.flat), **pmap_kwargs)
 
     def per_device(*args):
         out = fn(*jax.tree.map(lambda x: x[0], args))
         return jax.tree.map(lambda x: x[None], out)
 
-    return jax.shard_map(per_device, mesh=mesh, in_specs=P(axis), out_specs=P(axis))
+    return jax.shard_map(per_device, mesh=mesh, in_specs=P(axes), out_specs=P(axes))
 
 
 def device_sharding(mesh: Mesh) -> NamedSharding:
     """The sharding of arrays with a leading device axis."""
-    return NamedSharding(mesh, P(mesh.axis_names[0]))
+    return NamedSharding(mesh, P(device_axes(mesh)))
 
 
 def put_on_devices(tree: Any, mesh: Mesh) -> Any:

@@ -1,5 +1,6 @@
 """The optimisers of a run: epoch-counted schedules, the default learner
-optimiser, and `sma`/`ssgd` around the learner optimiser."""
+optimiser, and the replica-averaging transformation (`sma`, `ssgd`,
+`local_sgd`, `diloco`, `hierarchical`) around the learner optimiser."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import jax.numpy as jnp
 import optax
 
 from crossbow_jax.engine.config import TrainConfig
-from crossbow_jax.engine.mapping import DEVICE_AXIS
+from crossbow_jax.engine.mapping import DEVICE_AXIS, HOST_AXIS
 from crossbow_jax.engine.plan import Clock
-from crossbow_jax.transformation import sma, ssgd
+from crossbow_jax.transformation import diloco, hierarchical, local_sgd, sma, ssgd
 
 
 def milestone_steps(config: TrainConfig, clock: Clock) -> list[int | None]:
@@ -46,19 +47,44 @@ def default_optimizer(config: TrainConfig, clock: Clock) -> optax.GradientTransf
     return sgd
 
 
+def outer_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """DiLoCo's outer optimiser: Nesterov SGD with the config's outer rate and momentum."""
+    lr = 0.7 if config.outer_learning_rate is None else config.outer_learning_rate
+    mu = 0.9 if config.outer_momentum is None else config.outer_momentum
+    return optax.sgd(lr, momentum=mu or None, nesterov=bool(mu))
+
+
 def learner_transform(
-    config: TrainConfig, optimizer: optax.GradientTransformation | None, clock: Clock
+    config: TrainConfig,
+    optimizer: optax.GradientTransformation | None,
+    clock: Clock,
+    axes: str | tuple[str, ...] = DEVICE_AXIS,
 ) -> optax.GradientTransformation:
-    """`sma` (or `ssgd`) around the learner optimiser, over the device axis.
+    """The config's algorithm around the learner optimiser, over the mesh's axes.
 
     Args:
-        config: the run's config (algorithm, SMA settings, default optimiser).
+        config: the run's config (algorithm, its settings, default optimiser).
         optimizer: the user's learner optimiser, or None for `default_optimizer`.
         clock: the run's epochs in steps at this layout, for the epoch-counted schedule.
+        axes: the axis name(s) over all devices (`mapping.device_axes`); with
+            hosts, ("hosts", "devices"): hierarchical runs SMA over "devices"
+            and DiLoCo over "hosts", the others reduce over both.
     """
     inner = optimizer if optimizer is not None else default_optimizer(config, clock)
-    if config.algorithm == "sma":
+    algo, period = config.algorithm, config.period
+    if algo == "hierarchical":
+        return hierarchical(
+            inner, outer_optimizer(config), every=period, alpha=config.alpha,
+            momentum=config.central_momentum, axis_name=DEVICE_AXIS,
+            host_axis=HOST_AXIS if axes != DEVICE_AXIS else None,
+        )  # fmt: skip
+    if algo == "sma":
         return sma(
-            inner, alpha=config.alpha, momentum=config.central_momentum, axis_name=DEVICE_AXIS
-        )
-    return ssgd(inner, axis_name=DEVICE_AXIS)
+            inner, alpha=config.alpha, momentum=config.central_momentum, sync_every=period,
+            axis_name=axes,
+        )  # fmt: skip
+    if algo == "local_sgd":
+        return local_sgd(inner, every=period, axis_name=axes)
+    if algo == "diloco":
+        return diloco(inner, outer_optimizer(config), every=period, axis_name=axes)
+    return ssgd(inner, axis_name=axes)

@@ -17,7 +17,7 @@ import numpy as np
 GROUPS = (
     "learners and algorithm",
     "learner optimiser (SGD) and schedule",
-    "SMA",
+    "replica averaging (docs/sma.md)",
     "execution",
     "run folder",
     "auto-tuning (docs/tuning.md)",

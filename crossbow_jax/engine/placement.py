@@ -83,7 +83,7 @@ class TrainData:
             self.feeder = Feeder(source, layout, mesh)
         resets = (
             [s for s in milestone_steps(config, clock) if s is not None]
-            if (config.reset_at_drops and config.algorithm == "sma")
+            if config.reset_at_drops
             else []
         )
         self.resets = self._put(np.asarray(resets, np.int32))

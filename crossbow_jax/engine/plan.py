@@ -1,7 +1,8 @@
 """Cutting a run into steps and dispatches.
 
 `Layout` says how one step's images are spread over devices, learners and
-batches (the one place where SMA and SSGD differ in shape: `layout_for`);
+batches (the one place where the averaging algorithms and SSGD differ in shape:
+`layout_for`);
 `Clock` maps a run's epochs to global steps from a `Position` (so a run can
 change its layout mid-run), and `plan_chunks` cuts the run's steps into
 dispatches, each one device call inside one epoch.
@@ -30,9 +31,10 @@ class Layout:
 
 
 def layout_for(algorithm: str, devices: int, m: int, batch: int) -> Layout:
-    """The layout of `m` learners per device: m learners at batch b (SMA), or one
-    learner at batch m x b (SSGD, the baseline that takes as many images per step)."""
-    return Layout(devices, m, batch) if algorithm == "sma" else Layout(devices, 1, m * batch)
+    """The layout of `m` learners per device: m learners at batch b (SMA and the rest of
+    the replica-averaging family), or one learner at batch m x b (SSGD, the baseline
+    that takes as many images per step)."""
+    return Layout(devices, 1, m * batch) if algorithm == "ssgd" else Layout(devices, m, batch)
 
 
 def epoch_steps(layout: Layout, num_train: int) -> int:

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from crossbow_jax.engine import mapping, step
+from crossbow_jax.engine import mapping, step, traffic
 from crossbow_jax.engine.config import TrainConfig
 from crossbow_jax.engine.inputs import Arrays
 from crossbow_jax.engine.optimizers import learner_transform
@@ -57,11 +57,13 @@ class Compiler:
         mesh: the device mesh.
         mapper: "shard_map" or "pmap".
         seconds: time spent compiling so far.
+        traffic: the all-reduce bytes per step of the last training program.
     """
 
     def __init__(self, spec: step.StepSpec, mesh, mapper: str):
         self.spec, self.mesh, self.mapper = spec, mesh, mapper
         self.seconds = 0.0
+        self.traffic = traffic.Traffic({}, {})  # of the last training program compiled
         self._central = None
 
     def _map(self, fn, donate: tuple[int, ...] = ()):
@@ -69,9 +71,18 @@ class Compiler:
             return mapping.device_map(fn, self.mesh, "pmap", donate_argnums=donate)
         return jax.jit(mapping.device_map(fn, self.mesh), donate_argnums=donate)
 
-    def _compile(self, fn, *args):
+    def _compile(self, fn, *args, steps: int = 0):
+        """`fn` compiled for `args`; with `steps`, its all-reduce traffic per step is read
+        from the traced program into `self.traffic` (`crossbow_jax.engine.traffic`)."""
         start = time.perf_counter()
-        compiled = fn.lower(*args).compile()
+        if steps and hasattr(fn, "trace"):
+            traced = fn.trace(*args)
+            self.traffic = traffic.count(traced.jaxpr, steps)
+            compiled = traced.lower().compile()
+        else:
+            if steps:  # pmap has no trace(): trace it apart
+                self.traffic = traffic.count(jax.make_jaxpr(fn)(*args), steps)
+            compiled = fn.lower(*args).compile()
         self.seconds += time.perf_counter() - start
         return compiled
 
@@ -130,7 +141,7 @@ class Compiler:
             fn = functools.partial(step.train_fed_steps, self.spec, unroll=unroll)
         else:
             fn = functools.partial(step.train_steps, self.spec, length=length, unroll=unroll)
-        return self._compile(self._map(fn, (0,)), state, *data.example_args(length))
+        return self._compile(self._map(fn, (0,)), state, *data.example_args(length), steps=length)
 
     def eval_program(self, state: step.TrainState, test: TestData):
         """The evaluation program: (state, *batch) -> {figure: sum over the batch's
@@ -188,14 +199,16 @@ def prepare(
     layout = layout_for(config.algorithm, mesh.size, learners_per_device, config.batch_size)
     epoch_steps(layout, data.num_train)  # at least one step fits
     clock = Clock(start or Position(), layout.images_per_step, data.num_train)
+    axes = mapping.device_axes(mesh)
     spec = step.StepSpec(
         model,
-        learner_transform(config, optimizer, clock),
+        learner_transform(config, optimizer, clock, axes),
         layout,
         data.preprocess,
         resolve_execution(config.execution, mesh),
         config.algorithm,
         task or Task(),
+        axes,
     )
     compiler = Compiler(spec, mesh, config.mapper)
     train_data = TrainData(config, data, layout, mesh, clock, like and like.train_data)

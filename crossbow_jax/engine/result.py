@@ -50,6 +50,11 @@ class TrainResult:
         executions: with `execution="auto"`, how the execution was chosen: every
             candidate's measured images/s and the choice, or the cached
             decision (`crossbow_jax.tuning.executions`); else None.
+        all_reduce_bytes: bytes one device all-reduced per training step,
+            averaged over the run's steps, by mesh axis: "devices" (with
+            hosts: "devices" inside a host, "hosts" across them, "hosts,devices"
+            over all), read from the compiled step (`crossbow_jax.engine.traffic`);
+            the payload, not the bytes on the wire.
         preprocess: how the engine turns raw inputs (as passed to `train`)
             into model inputs: `preprocess(x, None)` (scale, normalise; no
             augmentation without a key).
@@ -73,6 +78,7 @@ class TrainResult:
     central: tuple[Any, Any] | None = dataclasses.field(default=None, compare=False)
     input_shape: tuple[int, ...] | None = None  # one training input, for `predict`
     executions: dict[str, Any] | None = None
+    all_reduce_bytes: dict[str, float] | None = None
 
     def predict(self, x, batch_size: int = PREDICT_BATCH) -> np.ndarray:
         """The central model's outputs on raw inputs like the training data.
@@ -115,7 +121,7 @@ class TrainResult:
         if self.test_loss is not None:
             first += f", test loss {self.test_loss:.4g}"
         m, b = self.learners_per_device, cfg.batch_size
-        layout = f"{m} learner(s) at batch {b}" if cfg.algorithm == "sma" else f"batch {m} x {b}"
+        layout = f"batch {m} x {b}" if cfg.algorithm == "ssgd" else f"{m} learner(s) at batch {b}"
         return (
             f"TrainResult({first}\n"
             f"  {self.steps} steps, {cfg.algorithm}, {self.devices} device(s) x {layout}\n"

@@ -33,7 +33,7 @@ from crossbow_jax.engine.mapping import DEVICE_AXIS
 from crossbow_jax.engine.plan import Layout
 from crossbow_jax.engine.task import Task
 from crossbow_jax.models.adapters import Model
-from crossbow_jax.transformation import sma_average
+from crossbow_jax.transformation import central_params as family_central
 
 
 class TrainState(NamedTuple):
@@ -55,9 +55,9 @@ class StepSpec:
         layout: devices x learners x batch of one step.
         preprocess: stored pixels -> model input (`crossbow_jax/data/preprocess.py`).
         execution: "vmap", "unroll" or "im2col": how the learners' forward/backward run.
-        algorithm: "sma" or "ssgd": decides where the central model is read.
+        algorithm: the config's algorithm: decides where the central model is read.
         task: the loss and the figures reported (`crossbow_jax/engine/task.py`).
-        axis: the device axis name.
+        axis: the axis name(s) over all devices (`mapping.device_axes`).
     """
 
     model: Model
@@ -67,7 +67,7 @@ class StepSpec:
     execution: str
     algorithm: str
     task: Task = Task()
-    axis: str = DEVICE_AXIS
+    axis: str | tuple[str, ...] = DEVICE_AXIS
 
 
 def batch_indices(perm: jax.Array, offset, device, layout: Layout) -> jax.Array:
@@ -217,10 +217,11 @@ def train_fed_steps(spec: StepSpec, state, xs, ys, reset_steps, key, *, unroll=F
 
 
 def central_params(spec: StepSpec, state: TrainState):
-    """The model to evaluate: z for SMA, the (identical) learner 0 for SSGD."""
-    if spec.algorithm == "sma":
-        return sma_average(state.opt_state)
-    return jax.tree.map(lambda p: p[0], state.params)
+    """The model to evaluate: the family's central model (`crossbow_jax.central_params`:
+    z, the last average, theta), or the (identical) learner 0 for SSGD."""
+    if spec.algorithm == "ssgd":
+        return jax.tree.map(lambda p: p[0], state.params)
+    return family_central(state.opt_state)
 
 
 def central_variables(spec: StepSpec, state: TrainState) -> tuple[Any, Any]:

@@ -162,3 +162,28 @@ def first_learner(tree: Any) -> Any:
 def broadcast_to_learners(tree: Any, m: int) -> Any:
     """Repeats every leaf along a new leading learner axis of size m."""
     return jax.tree.map(lambda x: jnp.broadcast_to(x[None], (m,) + jnp.shape(x)), tree)
+
+
+def find_state(state: Any, types: type | tuple[type, ...]) -> Any:
+    """The outermost node of `types` in an optax state (e.g. inside an `optax.chain`), or None."""
+    if isinstance(state, types):
+        return state
+    children = state.values() if isinstance(state, dict) else state
+    if isinstance(state, (tuple, list, dict)):
+        for child in children:
+            found = find_state(child, types)
+            if found is not None:
+                return found
+    return None
+
+
+def mean_over_learners(tree: Any, axis_name: Hashable | None, dtype: Any = None) -> Any:
+    """The mean of all k learners on all devices (no learner axis), in `dtype` or the leaves'."""
+    k = learners_on_device(tree) * device_count(axis_name)
+    total = sum_over_learners(tree, axis_name)
+    return jax.tree.map(lambda s, x: (s / k).astype(dtype or x.dtype), total, tree)
+
+
+def apply_to_learners(params: Any, target: Any) -> Any:
+    """Updates that move every learner onto `target` (one model, no learner axis)."""
+    return jax.tree.map(lambda w, t: (t[None] - w).astype(w.dtype), params, target)

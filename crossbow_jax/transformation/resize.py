@@ -1,13 +1,15 @@
-"""Changing the number of learners of a running `sma` / `ssgd` state.
+"""Changing the number of learners of a running replica-averaging state.
 
 CROSSBOW's tuner adds a learner per device while throughput rises and drops
 the last one when it does not; a run resumed on other hardware restarts its
 learners from the central model. Both keep what the learners have in common
 and give new learners a fresh start:
 
-- kept: the central model `z`, `z_prev` (its momentum) and the update count
-  of `sma`; the whole state of `ssgd` (one optimiser for all learners); any
-  state outside them (e.g. `optax.inject_hyperparams`' hyperparameters);
+- kept: everything that is not per learner: `z`, `z_prev` (its momentum) and
+  the update count of `sma`; the last average of `local_sgd`; `theta` and the
+  outer optimiser's state of `diloco` and `hierarchical`; the whole state of
+  `ssgd` (one optimiser for all learners); any state outside them (e.g.
+  `optax.inject_hyperparams`' hyperparameters);
 - learners `0 .. keep-1`: their parameters and optimiser state, unchanged;
 - every other learner: the central model as parameters and a fresh optimiser
   state (`inner.init`), except the step counters of learning-rate schedules
@@ -25,7 +27,6 @@ import jax.numpy as jnp
 import optax
 
 from crossbow_jax.transformation import _learners
-from crossbow_jax.transformation.sma import SMAState
 
 
 def _rows(old: jax.Array, new: jax.Array, keep: int) -> jax.Array:
@@ -56,7 +57,7 @@ def _learner_state(old: Any, fresh: Any, keep: int) -> Any:
 
 
 def resize_state(old: Any, fresh: Any, keep: int) -> Any:
-    """The state of `sma`/`ssgd` (or one that contains it) after a change of learners.
+    """A replica-averaging state (or one that contains it) after a change of learners.
 
     Args:
         old: the running state (m learners on this device).
@@ -68,9 +69,9 @@ def resize_state(old: Any, fresh: Any, keep: int) -> Any:
     Returns:
         A state shaped like `fresh`: see the module docstring for what is kept.
     """
-    if isinstance(fresh, SMAState):
+    if isinstance(fresh, tuple) and "learner_state" in getattr(fresh, "_fields", ()):
         learners = _learner_state(old.learner_state, fresh.learner_state, keep)
-        return SMAState(learners, old.z, old.z_prev, old.count)
+        return old._replace(learner_state=learners)  # the family: the rest is not per learner
     if isinstance(fresh, tuple) and hasattr(fresh, "_fields"):
         return type(fresh)(*(resize_state(o, f, keep) for o, f in zip(old, fresh)))
     if isinstance(fresh, (tuple, list)):

@@ -12,6 +12,12 @@ The sum runs over all k learners (a sum, not a mean): first over the learners
 stacked on this device, then with one `lax.psum` over `axis_name`. Every device
 applies the same update to its own copy of `z`, so the copies stay identical
 without a broadcast.
+
+With `sync_every=p` (the original code's `--wpc`), only every p-th update is
+the step above; in between every learner takes its own step alone
+(`w_j <- w_j + u_j`), `z` and `z_prev` stay, and no collective runs. EASGD
+is `sma(momentum=0, sync_every=tau)`; EAMSGD the same with a Nesterov learner
+optimiser.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from crossbow_jax.transformation import _learners
+from crossbow_jax.transformation import _learners, _period
 
 
 class SMAState(NamedTuple):
@@ -73,6 +79,7 @@ def sma(
     *,
     alpha: float | None = None,
     momentum: float = 0.9,
+    sync_every: int = 1,
     axis_name: Hashable | None = None,
     average_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -108,6 +115,10 @@ def sma(
             1/k with k the number of learners on all devices. The `z` recursion
             is stable only for roughly `alpha * k < 2`.
         momentum: the central model's heavy-ball momentum, in [0, 1).
+        sync_every: synchronise at every this many updates (the `(t+1)`-th update,
+            t updates before it, syncs when `(t + 1) % sync_every == 0`); the
+            updates between are the learners' own steps, with no collective.
+            1 (the default) is Algorithm 1 at every update.
         axis_name: the device axis name under `jax.shard_map` / `jax.pmap`, or
             None for a single device.
         average_dtype: dtype of `z` and `z_prev`; None keeps the parameters'
@@ -122,10 +133,11 @@ def sma(
         Other keyword arguments are passed on to the learner optimiser.
 
     Raises:
-        ValueError: alpha <= 0, momentum outside [0, 1), or learner axes that
-            differ between leaves or between `updates` and `params`.
+        ValueError: alpha <= 0, momentum outside [0, 1), sync_every < 1, or
+            learner axes that differ between leaves or between `updates` and `params`.
     """
     _check_hyperparameters(alpha, momentum)
+    period = _period.check_period("sync_every", sync_every)
     inner = _learners.as_extra_args(learner_optimizer)
 
     def total_learners(params):
@@ -157,16 +169,21 @@ def sma(
         step, learner_state = _learners.update_per_learner(
             inner, updates, state.learner_state, params, **extra_args
         )
-        corrections = jax.tree.map(lambda w, z: a * (w - z[None]), params, state.z)
-        new_updates = jax.tree.map(lambda u, c: (u - c).astype(u.dtype), step, corrections)
-        total = _learners.sum_over_learners(corrections, axis_name)
-        z = jax.tree.map(
-            lambda z, zp, s: (z + s + momentum * (z - zp)).astype(z.dtype),
-            state.z,
-            state.z_prev,
-            total,
+
+        def synchronise(operand):
+            step, z, z_prev = operand
+            corrections = jax.tree.map(lambda w, z: a * (w - z[None]), params, z)
+            new_updates = jax.tree.map(lambda u, c: (u - c).astype(u.dtype), step, corrections)
+            total = _learners.sum_over_learners(corrections, axis_name)
+            new_z = jax.tree.map(
+                lambda z, zp, s: (z + s + momentum * (z - zp)).astype(z.dtype), z, z_prev, total
+            )
+            return new_updates, new_z, z
+
+        new_updates, z, z_prev = _period.on_sync(
+            state.count, period, synchronise, (step, state.z, state.z_prev)
         )
-        new_state = SMAState(learner_state, z, state.z, optax.safe_increment(state.count))
+        new_state = SMAState(learner_state, z, z_prev, optax.safe_increment(state.count))
 
         if reset_learners is False:
             return new_updates, new_state
@@ -178,22 +195,6 @@ def sma(
         return chosen_updates, chosen_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _find_sma_state(state: Any) -> SMAState | None:
-    if isinstance(state, SMAState):
-        return state
-    if isinstance(state, (tuple, list)):
-        for child in state:
-            found = _find_sma_state(child)
-            if found is not None:
-                return found
-    if isinstance(state, dict):
-        for child in state.values():
-            found = _find_sma_state(child)
-            if found is not None:
-                return found
-    return None
 
 
 def sma_average(state: Any) -> optax.Params:
@@ -209,7 +210,7 @@ def sma_average(state: Any) -> optax.Params:
     Raises:
         ValueError: if no `SMAState` is found in `state`.
     """
-    found = _find_sma_state(state)
+    found = _learners.find_state(state, SMAState)
     if found is None:
         raise ValueError(
             f"no SMAState found in a {type(state).__name__}; pass the state returned by "

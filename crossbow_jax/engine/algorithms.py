@@ -1,0 +1,55 @@
+"""The replica-averaging algorithms a run can use, and the settings each one takes.
+
+`check_algorithm` refuses a setting the chosen algorithm would ignore (silent
+is worse than loud): SMA's alpha for local SGD, an outer learning rate for
+SMA, a period for SSGD, and so on.
+"""
+
+from __future__ import annotations
+
+from crossbow_jax.engine.options import ConfigError
+
+ALGORITHMS = ("sma", "ssgd", "local_sgd", "diloco", "hierarchical")
+SMA_FAMILY = ("sma", "hierarchical")  # the algorithms with SMA's alpha and central momentum
+OUTER = ("diloco", "hierarchical")  # the algorithms with an outer optimiser
+
+
+def check_algorithm(config) -> None:
+    """Refuses replica-averaging settings that the chosen algorithm would ignore."""
+    algo = config.algorithm
+    if algo == "ssgd" and config.sync_every not in (None, 1):
+        raise ConfigError(
+            f"sync_every={config.sync_every} does not apply to algorithm='ssgd' (it "
+            "synchronises at every step); use algorithm='local_sgd' for a period"
+        )
+    if algo in ("local_sgd", *OUTER) and config.sync_every is None:
+        raise ConfigError(
+            f"algorithm={algo!r} needs sync_every (H: updates between "
+            f"{'outer steps' if algo in OUTER else 'averagings'}, e.g. 16)"
+        )
+    if algo not in SMA_FAMILY and (config.alpha is not None or config.central_momentum != 0.9):
+        name = "alpha" if config.alpha is not None else "central_momentum"
+        raise ConfigError(
+            f"{name}={getattr(config, name)} is SMA's; algorithm={algo!r} has no "
+            "central model to pull toward: leave it out, or use algorithm='sma'"
+        )
+    for name in ("outer_learning_rate", "outer_momentum"):
+        if algo not in OUTER and getattr(config, name) is not None:
+            raise ConfigError(
+                f"{name}={getattr(config, name)} applies to algorithm='diloco' or "
+                f"'hierarchical' only; algorithm={algo!r} has no outer optimiser"
+            )
+    if algo == "hierarchical" and config.hosts == 1:
+        raise ConfigError(
+            "algorithm='hierarchical' with hosts=1 is plain SMA (its sync_every and outer "
+            "settings would do nothing); use algorithm='sma', or hosts=2 or more"
+        )
+    if algo == "hierarchical" and config.elastic:
+        raise ConfigError(
+            "elastic=True cannot carry algorithm='hierarchical' (its central models are per "
+            "host); resume it on the same hosts and devices without elastic"
+        )
+    if config.hosts not in (None, 1) and config.mapper == "pmap":
+        raise ConfigError(
+            f"hosts={config.hosts} needs a 2-axis mesh, which only mapper='shard_map' maps"
+        )

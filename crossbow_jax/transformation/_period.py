@@ -1,0 +1,94 @@
+"""Synchronisation periods shared by the averaging transformations.
+
+With a period p, the update that has `t` updates before it (0-based) is a
+sync step when `(t + 1) % p == 0`: with p = 4 the 4th, 8th, ... updates
+synchronise. A sync runs under `lax.cond`, so steps between syncs issue no
+collective at all: that is the communication a period saves.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def check_period(name: str, value: Any) -> int:
+    """A period's value: a Python int >= 1 (it decides the program's shape, so it is static)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}={value!r} must be an int >= 1 (updates between synchronisations)")
+    if value < 1:
+        raise ValueError(f"{name}={value} must be >= 1 (1: synchronise at every update)")
+    return int(value)
+
+
+def is_sync(count: jax.Array, period: int) -> jax.Array:
+    """Whether the update after `count` updates synchronises."""
+    return (count + 1) % period == 0
+
+
+def _varying_axes(tree: Any) -> frozenset:
+    """Mesh axes along which some leaf varies (under `shard_map`'s type checking), else empty."""
+    axes: set = set()
+    for leaf in jax.tree.leaves(tree):
+        aval = jax.typeof(leaf)
+        vma = getattr(aval, "vma", None)
+        if vma is None:  # jax >= 0.10 spells it manual_axis_type.varying
+            vma = getattr(getattr(aval, "manual_axis_type", None), "varying", ())
+        axes.update(vma)
+    return frozenset(axes)
+
+
+def _as_varying(tree: Any, axes: frozenset) -> Any:
+    def cast(x):
+        missing = tuple(sorted(axes - _varying_axes(x), key=str))
+        return lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree.map(cast, tree)
+
+
+def on_sync(
+    count: jax.Array,
+    period: int,
+    sync_fn: Callable[[Any], Any],
+    operand: Any,
+) -> Any:
+    """`sync_fn(operand)` if the update after `count` updates is a sync step, else `operand`
+    as it is; with period 1 just `sync_fn(operand)`.
+
+    The choice is a `lax.cond`, so the sync's collectives run on sync steps only;
+    `sync_fn`'s outputs take the dtypes of `operand`'s leaves (same structure).
+    Under `shard_map`'s type checking a collective's result is invariant over
+    its axis while the state it replaces varies; when the branches' types differ
+    for that reason only, both branches' outputs are marked varying over the
+    axes the operand varies over, and the cond is traced again.
+    """
+    if period == 1:
+        return keep_dtype(sync_fn(operand), operand)
+    sync = is_sync(count, period)
+    sync_fn = lambda o, fn=sync_fn: keep_dtype(fn(o), o)
+    skip_fn = lambda o: o
+    try:
+        return lax.cond(sync, sync_fn, skip_fn, operand)
+    except TypeError as error:
+        axes = _varying_axes(operand)
+        if not axes:
+            raise
+        try:
+            return lax.cond(
+                sync,
+                lambda o: _as_varying(sync_fn(o), axes),
+                lambda o: _as_varying(skip_fn(o), axes),
+                operand,
+            )
+        except Exception:  # noqa: BLE001 -- the first error is the one to show
+            raise error from None
+
+
+def keep_dtype(new: Any, like: Any) -> Any:
+    """`new` cast leaf by leaf to the dtypes of `like`."""
+    return jax.tree.map(lambda n, o: jnp.asarray(n).astype(jnp.result_type(o)), new, like)
