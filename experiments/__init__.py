@@ -21,6 +21,7 @@ EXPERIMENTS = (
     "time_to_accuracy",
     "device_scaling",
     "sensitivity",
+    "algorithms",
 )
 
 

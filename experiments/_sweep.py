@@ -209,6 +209,8 @@ def train_figures(run: dict[str, Any], data, show=None) -> dict[str, Any]:
         "time_to_target": r.time_to_accuracy,
         "epochs_run": r.history[-1]["epoch"] if r.history else 0.0,
         "images_per_second": r.images_per_second,
+        "all_reduce_bytes": sum((r.all_reduce_bytes or {}).values()),
+        "all_reduce_by_axis": r.all_reduce_bytes,
         "wall_time": r.wall_time,
         "compile_time": r.compile_time,
         "steps": r.steps,

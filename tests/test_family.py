@@ -164,3 +164,28 @@ def test_central_params_finds_the_state_inside_a_chain_and_refuses_others():
 def test_bad_periods_and_outer_optimizers_are_refused(make, match):
     with pytest.raises((TypeError, ValueError), match=match):
         make()
+
+
+def test_outer_momentum_over_momentum_learners_can_diverge_as_documented():
+    """docs/sma.md: on a sharp quadratic, DiLoCo's default outer Nesterov over SGD-momentum
+    learners diverges where local SGD converges; plain SGD learners converge under DiLoCo."""
+    target = jnp.arange(3.0)
+
+    def distance(opt, steps=60):
+        @jax.jit
+        def step(params, state):
+            grads = jax.vmap(jax.grad(lambda w: jnp.sum((w - target) ** 2)))(params)
+            updates, state = opt.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        params = jnp.zeros((4, 3))
+        state = opt.init(params)
+        for _ in range(steps):
+            params, state = step(params, state)
+        return float(jnp.max(jnp.abs(crossbow_jax.central_params(state) - target)))
+
+    start = float(jnp.max(target))
+    momentum = optax.sgd(0.05, momentum=0.9)
+    assert distance(crossbow_jax.local_sgd(momentum, every=4)) < 0.1 * start
+    assert distance(crossbow_jax.diloco(momentum, every=4)) > start
+    assert distance(crossbow_jax.diloco(optax.sgd(0.1), every=4)) < 0.01 * start

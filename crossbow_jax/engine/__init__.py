@@ -9,11 +9,13 @@
   `result.py`: `TrainResult` and `load_run`.
 - `checks.py`, `task.py`: everything checked before any work, and the
   loss and figures of the run.
-- `config.py`, `plan.py`, `inputs.py`, `placement.py`, `feed.py`,
-  `optimizers.py`, `checkpoint.py`, `mapping.py`, `distributed.py`: the
-  settings, the cut of a run into dispatches, the user's data, where it
-  lives on the devices, the learner optimiser, orbax checkpoints, the
-  device axis and multi-process runs.
+- `config.py`, `algorithms.py`, `plan.py`, `inputs.py`, `placement.py`,
+  `feed.py`, `optimizers.py`, `checkpoint.py`, `mapping.py`,
+  `distributed.py`: the settings (and which ones each averaging algorithm
+  takes), the cut of a run into dispatches, the user's data, where it lives
+  on the devices, the learner optimiser, orbax checkpoints, the device axes
+  (hosts x devices) and multi-process runs.
+- `traffic.py`: the bytes all-reduced per step, read from the compiled step.
 
 See docs/design.md for the path of one batch through these files.
 """
@@ -23,6 +25,7 @@ from crossbow_jax.engine.history import TrainingDiverged
 from crossbow_jax.engine.loop import fit
 from crossbow_jax.engine.mapping import (
     DEVICE_AXIS,
+    HOST_AXIS,
     device_map,
     make_mesh,
     put_on_devices,
@@ -32,6 +35,7 @@ from crossbow_jax.engine.result import TrainResult, load_run
 
 __all__ = [
     "DEVICE_AXIS",
+    "HOST_AXIS",
     "ConfigError",
     "TrainConfig",
     "TrainResult",

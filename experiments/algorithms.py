@@ -1,0 +1,105 @@
+"""The replica-averaging family side by side: which members keep SMA's statistical
+efficiency, at which communication cost.
+
+k = 16 learners at b = 16 (4 simulated CPU devices x 4 learners), LeNet on the
+real MNIST, target 99% test accuracy of the central model, at most 8 epochs,
+evaluated every half epoch; learner settings as in `statistical_efficiency`
+(lr 0.01, momentum 0.9, weight decay 1e-4). Members:
+
+    ssgd        one learner per device at batch 64 (B = 256), lr x 16, 1-epoch warm-up
+    sma         alpha 0.1, central momentum 0.9; sync_every 1, 4, 16
+    local_sgd   the learners averaged every H = 4, 16 steps
+    diloco      an outer Nesterov step (0.7, 0.9) every H = 16, 64 steps
+
+Every row records the bytes one device all-reduced per step (by mesh axis),
+read from the compiled step. Three seeds per point (`--seeds N` for another count).
+
+    python -m experiments.algorithms
+    crossbow-jax sweep algorithms --quick      # CI: seconds, synthetic data
+"""
+
+from experiments import _sweep
+
+DEVICES, LEARNERS, BATCH, LR = 4, 4, 16, 0.01
+K, MNIST_TRAIN = DEVICES * LEARNERS, 60_000
+_sweep.ensure_devices(8)  # before anything imports and starts JAX
+
+MEMBERS = (
+    ("ssgd", 1),
+    ("sma", 1),
+    ("sma", 4),
+    ("sma", 16),
+    ("local_sgd", 4),
+    ("local_sgd", 16),
+    ("diloco", 16),
+    ("diloco", 64),
+)
+
+
+def point(family: str, period: int, lr: float) -> dict:
+    """One member: its label, algorithm and settings."""
+    p = {"variant": f"{family} H={period}", "family": family, "period": period,
+         "algorithm": family}  # fmt: skip
+    if family == "ssgd":
+        return {**p, "learning_rate": lr * K, "warmup_epochs": 1.0}
+    if family == "sma":
+        p["alpha"] = 0.1
+    return {**p, "sync_every": period}
+
+
+def get_config(quick: bool = False) -> dict:
+    fixed = {
+        **_sweep.LENET_MNIST,
+        "batch_size": BATCH,
+        "learning_rate": LR,
+        "num_devices": DEVICES,
+        "learners_per_device": LEARNERS,
+        "execution": "unroll",  # the same program shape for every member and seed
+        "epochs": 8,
+        "target_accuracy": 0.99,
+        "eval_every": MNIST_TRAIN // (K * BATCH) // 2,
+    }
+    grid, seeds = [point(f, h, LR) for f, h in MEMBERS], 3
+    if quick:
+        fixed.update(_sweep.QUICK_MNIST, epochs=1, eval_every=0, num_devices=1,
+                     learners_per_device=2)  # fmt: skip
+        grid, seeds = [point(f, h, LR) for f, h in (("local_sgd", 4), ("diloco", 4))], 1
+    return {
+        "name": "algorithms",
+        "measure": "train",
+        "devices": 8,
+        "fixed": fixed,
+        "grid": grid,
+        "seeds": seeds,
+        "caption": "LeNet / MNIST, k = 16 learners at b = 16 (4 simulated CPU devices x 4): "
+        "epochs to 99% test accuracy of the central model and bytes all-reduced per step",
+        "table": {
+            "group": ["family", "period"],
+            "figures": ["epochs_to_target", "final_accuracy", "all_reduce_bytes",
+                        "images_per_second"],
+        },  # fmt: skip
+        "plots": [
+            {
+                "x": "period",
+                "y": "epochs_to_target",
+                "series": "family",
+                "logx": True,
+                "cap": fixed["epochs"],
+                "title": "epochs to 99% (mean ± std of runs that reached it)",
+            },
+            {
+                "x": "period",
+                "y": "all_reduce_bytes",
+                "series": "family",
+                "logx": True,
+                "title": "bytes all-reduced per step, one device",
+                "ylim": (0, None),
+            },
+            {"kind": "curve", "series": "variant", "title": "test accuracy of the central model",
+             "ylim": (0.97, 1.0)},  # fmt: skip
+        ],
+    }
+
+
+if __name__ == "__main__":
+    raise SystemExit(_sweep.main("algorithms"))
