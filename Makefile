@@ -18,9 +18,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m crossbow_jax.demo
 
-# The whole suite on 8 simulated CPU devices.
+# The whole suite on 8 simulated CPU devices, 2 workers (tests/conftest.py sets both up).
 test: $(STAMP)
-	JAX_PLATFORMS=cpu $(PY) -m pytest -q  # tests/conftest.py sets 8 simulated devices
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n 2 --dist loadgroup
 
 clean:
 	rm -rf $(VENV) *.egg-info

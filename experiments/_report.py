@@ -186,7 +186,7 @@ def _panel(ax, spec: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     ax.set_title(spec.get("title", ""), fontsize=9)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc=spec.get("legend", "best"))
 
 
 def plot(config: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> Path:

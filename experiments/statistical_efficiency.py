@@ -29,7 +29,7 @@ def points(ks, batch: int, lr: float, n_train: int | None) -> list[dict]:
     for k in ks:
         half_epoch = n_train // (k * batch) // 2 if n_train else 0
         common = {"k": k, "learners_per_device": k, "eval_every": half_epoch}
-        grid.append({"variant": "sma", "algorithm": "sma", **common})
+        grid.append({"variant": "sma", "algorithm": "sma", "alpha": ALPHA, **common})
         grid.append({"variant": "ssgd", "algorithm": "ssgd", **common})
         if k > 1:
             scaled = {"learning_rate": lr * k, "warmup_epochs": 1.0}
@@ -42,7 +42,6 @@ def get_config(quick: bool = False) -> dict:
         **_sweep.LENET_MNIST,
         "batch_size": BATCH,
         "learning_rate": LR,
-        "alpha": ALPHA,
         "epochs": 10,
         "target_accuracy": 0.99,
         "num_devices": 1,

@@ -166,6 +166,33 @@ def test_bad_periods_and_outer_optimizers_are_refused(make, match):
         make()
 
 
+@pytest.mark.parametrize("name, key", [("local_sgd", "every"), ("sma", "sync_every")])
+def test_inject_hyperparams_makes_the_period_a_run_time_value(name, key):
+    """optax.inject_hyperparams passes the period as an array: a traced one decides by
+    lax.cond at every update, matches the int period, and can be changed with tree_set."""
+    factory = getattr(crossbow_jax, name)
+    make = lambda every: factory(optax.sgd(LR, momentum=BETA), **{key: every})
+    injected = optax.inject_hyperparams(factory)(optax.sgd(LR, momentum=BETA), **{key: PERIOD})
+    w = run_single(injected, m=4, steps=STEPS)[0]
+    np.testing.assert_allclose(w, run_single(make(PERIOD), m=4, steps=STEPS)[0], rtol=1e-6)
+    assert rel_err(w, run_single(make(2), m=4, steps=STEPS)[0]) > 1e-3  # the period mattered
+    # Set to 2 at run time, it is the period-2 transformation.
+    params, grads = jnp.zeros((4, 3)), jnp.arange(12.0).reshape(4, 3)
+    ends = []
+    for opt, state in [
+        (injected, optax.tree_utils.tree_set(injected.init(params), **{key: 2})),
+        (make(2), make(2).init(params)),
+    ]:
+        p = params
+        for _ in range(4):
+            updates, state = jax.jit(opt.update)(grads * p + 1.0, state, p)
+            p = optax.apply_updates(p, updates)
+        ends.append(p)
+    np.testing.assert_allclose(ends[0], ends[1], rtol=1e-6)
+    with pytest.raises(TypeError, match=rf"{key}=.* must be an int >= 1.*float32"):
+        factory(optax.sgd(LR), **{key: jnp.float32(2.0)})
+
+
 def test_outer_momentum_over_momentum_learners_can_diverge_as_documented():
     """docs/sma.md: on a sharp quadratic, DiLoCo's default outer Nesterov over SGD-momentum
     learners diverges where local SGD converges; plain SGD learners converge under DiLoCo."""

@@ -22,7 +22,7 @@ from crossbow_jax.engine.mapping import simulated_devices_flags
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
-TIMEOUT_S = 180
+TIMEOUT_S = 420
 RUN = {
     "execution": "unroll",  # fixed: both sides of a comparison run the same program
     "batch_size": 8,

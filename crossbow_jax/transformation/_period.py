@@ -14,11 +14,28 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 
-def check_period(name: str, value: Any) -> int:
-    """A period's value: a Python int >= 1 (it decides the program's shape, so it is static)."""
+def check_period(name: str, value: Any) -> int | jax.Array:
+    """A period's value: an int >= 1.
+
+    A 0-d integer array is taken too (`optax.inject_hyperparams` passes every
+    numeric hyperparameter as one): a concrete one becomes an int; a traced one
+    (a period changed at run time, e.g. with `optax.tree_utils.tree_set`) is kept
+    as it is and every update decides by `lax.cond`, so its value cannot be
+    checked here.
+    """
+    if isinstance(value, (jax.Array, np.ndarray, np.generic)) and not isinstance(value, bool):
+        if value.shape != () or not jnp.issubdtype(value.dtype, jnp.integer):
+            raise TypeError(
+                f"{name}={value!r} must be an int >= 1 (updates between synchronisations); "
+                f"got an array of shape {value.shape} and dtype {value.dtype}"
+            )
+        if isinstance(value, jax.core.Tracer):
+            return value
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}={value!r} must be an int >= 1 (updates between synchronisations)")
     if value < 1:
@@ -26,7 +43,7 @@ def check_period(name: str, value: Any) -> int:
     return int(value)
 
 
-def is_sync(count: jax.Array, period: int) -> jax.Array:
+def is_sync(count: jax.Array, period: int | jax.Array) -> jax.Array:
     """Whether the update after `count` updates synchronises."""
     return (count + 1) % period == 0
 
@@ -53,7 +70,7 @@ def _as_varying(tree: Any, axes: frozenset) -> Any:
 
 def on_sync(
     count: jax.Array,
-    period: int,
+    period: int | jax.Array,
     sync_fn: Callable[[Any], Any],
     operand: Any,
 ) -> Any:
@@ -67,7 +84,7 @@ def on_sync(
     for that reason only, both branches' outputs are marked varying over the
     axes the operand varies over, and the cond is traced again.
     """
-    if period == 1:
+    if isinstance(period, int) and period == 1:
         return keep_dtype(sync_fn(operand), operand)
     sync = is_sync(count, period)
     sync_fn = lambda o, fn=sync_fn: keep_dtype(fn(o), o)
