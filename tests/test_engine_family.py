@@ -8,6 +8,7 @@ from _engine_fixtures import MLP, split
 
 import crossbow_jax
 from crossbow_jax import ConfigError
+from crossbow_jax.engine import inputs
 
 TRAIN, TEST = split()
 # 4 devices x 2 learners x batch 16 = 128 images a step: 6 steps an epoch, so with a
@@ -28,7 +29,7 @@ def leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
-@pytest.mark.parametrize("member", FAMILY[1:], ids=lambda m: m["algorithm"])
+@pytest.mark.parametrize("member", FAMILY, ids=lambda m: m["algorithm"])
 def test_resume_in_the_middle_of_a_period_is_exact(tmp_path, member):
     straight = crossbow_jax.train(MLP(), TRAIN, TEST, epochs=3, **member, **KW)
     folder = str(tmp_path / "run")
@@ -81,8 +82,13 @@ def test_auto_learners_tune_a_member_of_the_family():
         ({"algorithm": "hierarchical", "sync_every": 4, "hosts": 3}, "hosts=3 must divide the 4"),
         ({"algorithm": "hierarchical", "sync_every": 4}, "set hosts=2"),
         ({"algorithm": "local_sgd"}, "needs sync_every"),
+        ({"algorithm": "hierarchical", "sync_every": 4, "mapper": "pmap"}, "only mapper='shard"),
     ],
 )
-def test_bad_family_settings_are_refused_before_any_work(options, message):
+def test_bad_family_settings_are_refused_before_any_work(options, message, monkeypatch):
+    def touched(*args, **kwargs):
+        raise AssertionError("the data were loaded before the settings were checked")
+
+    monkeypatch.setattr(inputs, "resolve_data", touched)
     with pytest.raises(ConfigError, match=message):
         crossbow_jax.train(MLP(), TRAIN, TEST, epochs=1, **dict(KW, **options))

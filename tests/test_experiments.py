@@ -184,3 +184,16 @@ def test_both_front_doors_run_a_sweep(tmp_path, fake_training, capsys):
     assert cli_main(["sweep", "--list"]) == 0
     assert "statistical_efficiency" in capsys.readouterr().out
     assert cli_main(["sweep", "no_such_experiment"]) == 2
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_committed_results_hold_a_row_for_every_run_of_the_first_seed(name):
+    """A config change that renames its runs (their keys hash the settings) would orphan
+    the rows docs/results.md quotes: a rerun would redo them and the tables drop them."""
+    path = _sweep.RESULTS / f"{name}.jsonl"
+    assert path.exists(), f"no committed results for {name}"
+    keys = {row["key"] for row in _sweep.read_rows(path)}
+    missing = [
+        r["labels"] for r in _sweep.expand(get_config(name), seeds=1) if r["key"] not in keys
+    ]
+    assert not missing, f"{name}: no committed row for {missing}"

@@ -49,7 +49,8 @@ def check_algorithm(config) -> None:
             "elastic=True cannot carry algorithm='hierarchical' (its central models are per "
             "host); resume it on the same hosts and devices without elastic"
         )
-    if config.hosts not in (None, 1) and config.mapper == "pmap":
+    if (config.hosts not in (None, 1) or algo == "hierarchical") and config.mapper == "pmap":
+        what = "algorithm='hierarchical'" if config.hosts is None else f"hosts={config.hosts}"
         raise ConfigError(
-            f"hosts={config.hosts} needs a 2-axis mesh, which only mapper='shard_map' maps"
+            f"{what} needs a hosts x devices mesh, which only mapper='shard_map' maps"
         )

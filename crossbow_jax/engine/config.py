@@ -103,7 +103,8 @@ class TrainConfig:
         False, "SMA: move every learner onto the central model at each milestone", _O
     )
     alpha: float | None = option(
-        None, "SMA correction step (default: 1/k, k = learners in all)", _S,
+        None, "SMA correction step (default: 1/k, k = learners in all; hierarchical: "
+        "learners of one host)", _S,
         range=POSITIVE, none="1/k",
     )  # fmt: skip
     central_momentum: float = option(

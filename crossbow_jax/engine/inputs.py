@@ -240,11 +240,12 @@ def resolve(
 ) -> Resolved:
     """Resolves a model (or its name), the data (or a data set name) and the devices.
 
-    Loads and checks the data (`resolve_data`), selects `config.num_devices`
-    devices, and builds the module for the data's classes and the config's
-    dtype. Nothing is placed on a device yet.
+    Selects `config.num_devices` devices into a mesh of `resolve_hosts(config)`
+    hosts, loads and checks the data (`resolve_data`), and builds the module for
+    the data's classes and the config's dtype. Nothing is placed on a device yet.
     """
-    data = resolve_data(train, test, data_dir=data_dir, augment=augment)
+    # The devices and hosts first: a wrong count fails before a data set is loaded.
     mesh = make_mesh(select_devices(config.num_devices), hosts=resolve_hosts(config))
+    data = resolve_data(train, test, data_dir=data_dir, augment=augment)
     module = resolve_model(model, data.num_classes, config.dtype, config.mode_keyword)
     return Resolved(module, data, mesh)
