@@ -27,7 +27,7 @@ def check_period(name: str, value: Any) -> int | jax.Array:
     as it is and every update decides by `lax.cond`, so its value cannot be
     checked here.
     """
-    if isinstance(value, (jax.Array, np.ndarray, np.generic)) and not isinstance(value, bool):
+    if isinstance(value, (jax.Array, np.ndarray, np.generic)):
         if value.shape != () or not jnp.issubdtype(value.dtype, jnp.integer):
             raise TypeError(
                 f"{name}={value!r} must be an int >= 1 (updates between synchronisations); "
