@@ -1,7 +1,22 @@
 """Small learnable problems and models for the engine tests."""
 
+import os
+
 import flax.linen as nn
 import numpy as np
+
+from crossbow_jax.engine.mapping import simulated_devices_flags
+
+# XLA:CPU without its LLVM optimisation passes: compiles about a third faster (tests/conftest.py).
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+
+
+def subprocess_xla_flags(devices: int) -> str:
+    """`XLA_FLAGS` for a process a test starts: `devices` simulated devices and the suite's
+    other flags (its compile options: a run compared with one in the suite's own process
+    must compile the same way)."""
+    keep = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    return simulated_devices_flags(devices, " ".join(keep))
 
 
 class MLP(nn.Module):
@@ -11,6 +26,11 @@ class MLP(nn.Module):
     def __call__(self, x):
         x = x.reshape((x.shape[0], -1))
         return nn.Dense(self.classes)(nn.relu(nn.Dense(32)(x)))
+
+
+def mnist_mlp():
+    """The MLP for 10 classes (`--model _engine_fixtures:mnist_mlp` in the shell tests)."""
+    return MLP(classes=10)
 
 
 class BNNet(nn.Module):

@@ -1,5 +1,5 @@
-"""Test set-up: 8 simulated CPU devices, set before JAX is first imported, and one XLA
-compilation cache for the run.
+"""Test set-up: 8 simulated CPU devices, set before JAX is first imported, XLA:CPU's
+fast-compile options, and one XLA compilation cache for the run.
 
 `make test` runs the suite on 2 pytest-xdist workers (`--dist loadgroup`). The
 workers, and the processes the tests start, share a persistent XLA compilation
@@ -7,15 +7,26 @@ cache in a temporary folder removed at the end of the run: many tests compile
 the same small programs, and the cache saved about a fifth of the suite's time
 here. Executables are keyed by their program and options, so a cached one is
 the one XLA would compile.
+
+The suite's programs are tiny and most run a few steps: compiling them is most
+of the suite's time. `FAST_COMPILE_FLAGS` turn off XLA:CPU's LLVM optimisation
+(about a third less compile time, slower code; the same programs, so every
+result a test compares is still computed the same way on both sides). The
+processes the tests start keep them (`_engine_fixtures.subprocess_xla_flags`).
+Benchmarks, `make demo` and users' runs compile with XLA's defaults.
 """
 
 import os
 import shutil
 import tempfile
 
+from _engine_fixtures import FAST_COMPILE_FLAGS
+
 from crossbow_jax.engine.mapping import simulated_devices_flags
 
-os.environ["XLA_FLAGS"] = simulated_devices_flags(8, os.environ.get("XLA_FLAGS", ""))
+os.environ["XLA_FLAGS"] = simulated_devices_flags(
+    8, " ".join([os.environ.get("XLA_FLAGS", ""), *FAST_COMPILE_FLAGS])
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Set by the process pytest was started in; the xdist workers inherit it.
 _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
@@ -28,6 +39,8 @@ if _OWN_CACHE:
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 import pytest
+
+from crossbow_jax.tuning.executions import choose_execution as _MEASURED
 
 # Files whose tests share a module- or session-scoped fixture (a trained run, fetched
 # data) or run in an order (time_to_accuracy reads statistical_efficiency's rows):
@@ -49,20 +62,30 @@ def pytest_sessionfinish(session):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
-@pytest.fixture(autouse=True)
-def _execution_measurements(request, monkeypatch, tmp_path_factory):
-    """Every run's execution="auto" is measured into a cache shared by the session, except
-    that tests not marked `measure_execution` skip the measurement (unroll, as on a CPU,
-    the candidate that wins here): the suite would spend minutes timing executions. The
-    tests of the measured choice itself carry the marker."""
-    cache = tmp_path_factory.getbasetemp() / "execution-cache"
-    monkeypatch.setenv("CROSSBOW_JAX_CACHE", str(cache))
-    if request.node.get_closest_marker("measure_execution"):
-        return
+def _unmeasured(config, *args, learners, **kwargs):
+    """`choose_execution` without the measurement: unroll, the candidate that wins on a CPU."""
+    return {"chosen": "unroll", "learners": learners, "candidates": [], "cached": False,
+            "cache_file": None, "key": None, "seconds": 0.0, "unmeasured": True}  # fmt: skip
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _execution_cache(tmp_path_factory):
+    """Every run's execution="auto" goes to a cache of the session's own (never the user's),
+    and is not measured: the suite would spend minutes timing executions. Session-wide, so
+    that module- and session-scoped fixtures (set up before any test's own fixtures) are
+    covered too; tests marked `measure_execution` get the real measurement back."""
     from crossbow_jax.tuning import executions
 
-    def unmeasured(config, *args, learners, **kwargs):
-        return {"chosen": "unroll", "learners": learners, "candidates": [], "cached": False,
-                "cache_file": None, "key": None, "seconds": 0.0, "unmeasured": True}  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CROSSBOW_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "execution-cache"))
+        patch.setattr(executions, "choose_execution", _unmeasured)
+        yield
 
-    monkeypatch.setattr(executions, "choose_execution", unmeasured)
+
+@pytest.fixture(autouse=True)
+def _execution_measurements(request, monkeypatch):
+    """The tests of the measured choice itself (marked `measure_execution`) measure."""
+    if request.node.get_closest_marker("measure_execution"):
+        from crossbow_jax.tuning import executions
+
+        monkeypatch.setattr(executions, "choose_execution", _MEASURED)

@@ -14,8 +14,7 @@ import crossbow_jax
 from crossbow_jax.engine import programs
 
 TRAIN, TEST = split()
-RUN = dict(batch_size=8, learners_per_device=2, num_devices=2, progress=False,
-           steps_per_dispatch=8)  # fmt: skip
+RUN = dict(batch_size=8, learners_per_device=2, num_devices=2, progress=False)
 
 
 def leaves(tree):

@@ -18,7 +18,7 @@ TINY = [
     "train", "--model", "lenet", "--dataset", "synthetic", "--synthetic-like", "mnist",
     "--train-examples", "256", "--test-examples", "64", "--batch-size", "8",
     "--learners-per-device", "2", "--num-devices", "2", "--epochs", "1",
-    "--steps-per-dispatch", "4", "--no-progress",
+    "--steps-per-dispatch", "2", "--no-progress",
 ]  # fmt: skip
 
 FLAGS = [

@@ -11,14 +11,13 @@ import jax
 import numpy as np
 import optax
 import pytest
-from _engine_fixtures import MLP, prepared, split
+from _engine_fixtures import MLP, prepared, split, subprocess_xla_flags
 from _resume_child import RESUME_KW
 
 import crossbow_jax
 from crossbow_jax.engine import programs
 from crossbow_jax.engine.checkpoint import Checkpointer
 from crossbow_jax.engine.config import ConfigError
-from crossbow_jax.engine.mapping import simulated_devices_flags
 
 TRAIN, TEST = split()
 HERE = pathlib.Path(__file__).resolve().parent
@@ -39,7 +38,7 @@ def test_killed_run_resumes_bit_identical(tmp_path):
     run_dir = tmp_path / "run"
     env = dict(
         os.environ,
-        XLA_FLAGS=simulated_devices_flags(2),
+        XLA_FLAGS=subprocess_xla_flags(2),
         JAX_PLATFORMS="cpu",
         PYTHONPATH=str(HERE),
     )

@@ -17,8 +17,8 @@ import time
 
 import numpy as np
 import pytest
+from _engine_fixtures import subprocess_xla_flags
 
-from crossbow_jax.engine.mapping import simulated_devices_flags
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -29,7 +29,7 @@ RUN = {
     "learners_per_device": 2,
     "epochs": 1,
     "seed": 3,
-    "steps_per_dispatch": 8,
+    "steps_per_dispatch": 2,
     "progress": False,
 }
 # name: (model fixture, extra options); BNNet exercises batch_stats and dropout across hosts.
@@ -94,7 +94,7 @@ def _free_port() -> int:
 def _worker_env(devices: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CROSSBOW_JAX_")}
     env.update(
-        XLA_FLAGS=simulated_devices_flags(devices),
+        XLA_FLAGS=subprocess_xla_flags(devices),
         JAX_PLATFORMS="cpu",
         PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]),
     )
@@ -206,13 +206,15 @@ if __name__ == "__main__":
 
 @pytest.mark.slow
 def test_shell_command_across_two_processes_reports_once(tmp_path):
-    """`crossbow-jax train` with the multi-host flags: one result line, files from process 0."""
+    """`crossbow-jax train` with the multi-host flags: one result line, files from process 0
+    (a model of one's own by module:attribute, the MLP of the tests: LeNet would add a
+    minute of compiling to what this checks)."""
     port, run = _free_port(), tmp_path / "run"
     argv = [
-        sys.executable, "-m", "crossbow_jax", "train", "--model", "lenet",
+        sys.executable, "-m", "crossbow_jax", "train", "--model", "_engine_fixtures:mnist_mlp",
         "--dataset", "synthetic", "--synthetic-like", "mnist", "--train-examples", "256",
         "--test-examples", "64", "--batch-size", "8", "--learners-per-device", "2",
-        "--epochs", "1", "--steps-per-dispatch", "4", "--output", str(run),
+        "--epochs", "1", "--steps-per-dispatch", "2", "--output", str(run),
         "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
     ]  # fmt: skip
     commands = [argv + ["--process-id", str(i)] for i in range(2)]
