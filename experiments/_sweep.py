@@ -59,8 +59,11 @@ QUICK_MNIST = {
     "train_examples": 256,
     "test_examples": 64,
     "batch_size": 8,
+    "steps_per_dispatch": 1,
 }
-"""What a `--quick` variant changes: tiny synthetic MNIST-shaped data."""
+"""What a `--quick` variant changes: tiny synthetic MNIST-shaped data, one step per dispatch
+(on a CPU half the program of the default two unrolled steps to compile: a quick run is
+mostly compiling)."""
 
 TRIAL_KEYS = ("trial_steps", "trial_repeats")
 """Settings of a throughput trial (`measure: "throughput"`): steps per timing, timings."""

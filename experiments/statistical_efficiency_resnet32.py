@@ -27,7 +27,8 @@ def get_config(quick: bool = False) -> dict:
     fixed = dict(config["fixed"], model="resnet32")
     if quick:  # one learner, the smallest run that compiles and trains ResNet-32: SMA,
         # two seeds (one program, compiled once; ssgd is in statistical_efficiency's quick grid)
-        fixed.update(synthetic_like="fashion_mnist32", train_examples=32, test_examples=16)
+        fixed.update(synthetic_like="fashion_mnist32", train_examples=32, test_examples=16,
+                     steps_per_dispatch=1)  # half the program to trace and compile
         grid = [p for p in config["grid"] if p["k"] == 2 and p["variant"] == "sma"]
         grid = [dict(p, k=1, learners_per_device=1) for p in grid]
     else:

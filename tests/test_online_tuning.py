@@ -108,9 +108,9 @@ def test_clock_counts_epochs_in_images_across_layouts():
 def test_new_learners_are_copies_of_z_with_a_fresh_optimiser_state():
     tx = sma(optax.sgd(optax.linear_schedule(0.1, 0.0, 50), momentum=0.9))
     params = {"w": np.arange(6.0, dtype=np.float32).reshape(2, 3)}
-    state = tx.init(params)
+    state, update = tx.init(params), jax.jit(tx.update)  # compiled once, not op by op
     for g in (1.0, -2.0):
-        updates, state = tx.update({"w": np.full((2, 3), g, np.float32)}, state, params)
+        updates, state = update({"w": np.full((2, 3), g, np.float32)}, state, params)
         params = optax.apply_updates(params, updates)
     grown = resize_params(params, state.z, 3, keep=2)
     new_state = resize_state(state, tx.init(grown), keep=2)

@@ -84,7 +84,7 @@ def test_global_norm_clipping_is_per_learner():
     params = {"w": jnp.zeros((2, 4))}
     grads = {"w": jnp.stack([jnp.full(4, 100.0), jnp.full(4, 0.1)])}  # norms 200 and 0.2
     opt = crossbow_jax.sma(optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(1.0)), alpha=0.1)
-    updates, _ = opt.update(grads, opt.init(params), params)
+    updates, _ = jax.jit(opt.update)(grads, opt.init(params), params)
     np.testing.assert_allclose(np.linalg.norm(updates["w"][0]), 1.0, rtol=1e-5)
     np.testing.assert_allclose(updates["w"][1], -0.1, rtol=1e-5)  # small learner untouched
 
@@ -117,7 +117,7 @@ def test_reset_learners_moves_every_learner_onto_z_even_when_traced():
         np.testing.assert_allclose(leaf, np.broadcast_to(zl, leaf.shape), atol=1e-6)
     jax.tree.map(np.testing.assert_array_equal, new_state.z, state.z)
     updates_off, off_state = step(params, state, jnp.asarray(False))
-    plain, plain_state = opt.update(grads_like(params), state, params)
+    plain, plain_state = jax.jit(opt.update)(grads_like(params), state, params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), updates_off, plain)
     assert int(off_state.count) == int(plain_state.count) == 3
 
