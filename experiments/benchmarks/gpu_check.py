@@ -47,7 +47,7 @@ def settings(quick: bool) -> dict[str, Any]:
         return {
             "models": {"lenet-tiny": (LeNet(conv_features=(4, 8), hidden=16), (28, 28, 1))},
             "batches": (4,), "learners": (2,), "repeats": 1, "images": 64,
-            "probe": (2, 4), "n_train": 768, "tune_max": 2, "accuracy": 0.9, "epochs": 3,
+            "probe": (2, 4), "n_train": 768, "tune_max": 2, "accuracy": 0.8, "epochs": 3,
             "train": {"batch_size": 4, "learning_rate": 0.01, "tune_steps": 4, "tune_repeats": 1},
         }  # fmt: skip
     return {
