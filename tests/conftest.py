@@ -10,12 +10,10 @@ the one XLA would compile.
 
 The suite's programs are tiny and most run a few steps: compiling them is most
 of the suite's time. `FAST_COMPILE_FLAGS` turn off XLA:CPU's LLVM optimisation
-and its newer fusion emitters (the tiny MLP's 2-step training program: 1.75 s
-to compile with the defaults, 0.56 s with these; slower code, which a few
-steps never feel; every result a test compares is computed with the same
-flags on both sides). The processes the tests start keep them
-(`_engine_fixtures.subprocess_xla_flags`). `make demo`, the benchmarks run by
-hand and users' runs compile with XLA's defaults.
+(about a third less compile time, slower code; the same programs, so every
+result a test compares is still computed the same way on both sides). The
+processes the tests start keep them (`_engine_fixtures.subprocess_xla_flags`).
+Benchmarks, `make demo` and users' runs compile with XLA's defaults.
 """
 
 import os
