@@ -10,10 +10,12 @@ the one XLA would compile.
 
 The suite's programs are tiny and most run a few steps: compiling them is most
 of the suite's time. `FAST_COMPILE_FLAGS` turn off XLA:CPU's LLVM optimisation
-(about a third less compile time, slower code; the same programs, so every
-result a test compares is still computed the same way on both sides). The
-processes the tests start keep them (`_engine_fixtures.subprocess_xla_flags`).
-Benchmarks, `make demo` and users' runs compile with XLA's defaults.
+and its newer fusion emitters (slower code, which a few steps never feel;
+docs/design.md, "Testing", has the measured compile times). Every result a
+test compares is computed with the same flags on both sides: the processes the
+tests start keep them (`_engine_fixtures.subprocess_xla_flags`), except the
+one check that needs XLA's defaults (`_placement_child.py`). `make demo`, the
+benchmarks run by hand and users' runs compile with XLA's defaults.
 """
 
 import os

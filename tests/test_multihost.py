@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 from _engine_fixtures import subprocess_xla_flags
 
-
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 TIMEOUT_S = 420
