@@ -10,13 +10,16 @@ splits, and the learner optimiser on the model's parameters.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
 import numpy as np
 
+from crossbow_jax.engine import mapping
 from crossbow_jax.engine.config import ConfigError, TrainConfig
 from crossbow_jax.engine.inputs import Arrays
+from crossbow_jax.engine.plan import Layout
 from crossbow_jax.engine.task import RESERVED, LossFn, MetricsFn, Task
 from crossbow_jax.models.adapters import LinenModel, Model
 from crossbow_jax.transformation import sma
@@ -219,6 +222,109 @@ _WRAPS = "pass the learner optimiser; the engine wraps it (the algorithm option:
 
 def _is_wrapper(node) -> bool:
     return isinstance(node, FAMILY)
+
+
+def memory_limit(devices) -> tuple[int, int] | None:
+    """(bytes, devices sharing them) that this process's `devices` can hold: the smallest
+    `bytes_limit` of one device where they report it (GPU, TPU), each device its own; on
+    CPU the host's physical memory, shared by every simulated device of the process;
+    None where neither is known (not checked)."""
+    limits = []
+    for device in devices:
+        try:
+            stats = device.memory_stats() or {}
+        except Exception:  # noqa: BLE001 -- a backend without memory statistics
+            stats = {}
+        limits.append(stats.get("bytes_limit"))
+    if limits and all(limits):
+        return int(min(limits)), 1
+    if limits and all(d.platform == "cpu" for d in devices):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), len(limits)
+        except (ValueError, OSError):  # not a POSIX host
+            return None
+    return None
+
+
+def resident_bytes(model: Model, tx, data: Arrays, mesh, learners: int, placement: str):
+    """What one device must hold for the whole of every dispatch, in bytes, by part.
+
+    The training state of `learners` learners (their parameters; the optimiser state,
+    which holds each learner's state and the central model with its own, from
+    `tx.init`; the model state): a dispatch takes it donated and updates it in place.
+    The training set when device-resident (a copy on every device, with the epoch's
+    permutation); the device's share of the test set. Gradients, activations and XLA's
+    workspace are left out: XLA may consume a gradient leaf by leaf as it is made, so
+    they are not certain to be whole at once. A lower bound: a run that needs more
+    cannot fit.
+    """
+    devices = mesh.size
+    sample = jax.eval_shape(data.preprocess, data.example, None)
+    params, state = _abstract_variables(model, sample)
+    stacked = jax.tree.map(
+        lambda p: jax.ShapeDtypeStruct((devices, learners, *np.shape(p)), p.dtype), params
+    )
+    init = jax.jit(mapping.device_map(tx.init, mesh))
+    parts = {
+        "parameters": _nbytes(stacked) // devices,
+        "optimiser state": _nbytes(jax.eval_shape(init, stacked)) // devices + _nbytes(state),
+    }
+    if placement == "device" and data.train_x is not None:
+        parts["training set"] = data.train_x.nbytes + data.train_y.nbytes + 4 * data.num_train
+    if data.test_x is not None:
+        row = (data.test_x.nbytes + data.test_y.nbytes) // len(data.test_x)
+        parts["test set share"] = -(-len(data.test_x) // devices) * row
+    return parts
+
+
+def check_memory(config: TrainConfig, model: Model, tx, data: Arrays, mesh, layout: Layout,
+                 placement: str) -> None:  # fmt: skip
+    """Refuses a layout whose resident bytes (`resident_bytes`, a lower bound) exceed what
+    the devices hold (`memory_limit`), before anything is placed. With
+    learners_per_device="auto" the tuner chooses (and guards its own trials), so 1 learner
+    per device is checked: if it cannot fit, no setting can.
+
+    Raises:
+        ConfigError: one line with the estimate, its parts, the devices' memory and the fix.
+    """
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    limit = memory_limit(local)
+    if limit is None:
+        return
+    auto = config.learners_per_device == "auto"
+    learners = 1 if auto else layout.learners
+    parts = resident_bytes(model, tx, data, mesh, learners, placement)
+    need, (held, sharing) = sum(parts.values()), limit
+    if need * sharing <= held:
+        return
+    who = f"{learners} learners per device need" if learners > 1 else "1 learner per device needs"
+    who = f"learners_per_device='auto': even {who}" if auto else who
+    detail = ", ".join(f"{name} {_size(n)}" for name, n in parts.items())
+    where = (f"a device holds {_size(held)}" if sharing == 1 else
+             f"this process's {sharing} {local[0].platform.upper()} devices share the host's "
+             f"{_size(held)} ({_size(need * sharing)} together)")  # fmt: skip
+    fixes = ["fewer learners per device"] if learners > 1 else []
+    fixes.append("a smaller model")
+    resident = parts.get("training set", 0)
+    if resident and ((need - resident) * sharing <= held or resident == max(parts.values())):
+        fixes.append("data_placement='host'")  # the training set is what does not fit
+    if sharing > 1 and need <= held:
+        fixes.append("fewer devices")
+    fix = " or ".join([", ".join(fixes[:-1]), fixes[-1]] if len(fixes) > 1 else fixes)
+    raise ConfigError(
+        f"{who} at least {_size(need)} on each device ({detail}), but {where}; use {fix}"
+    )
+
+
+def _nbytes(tree) -> int:
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"
 
 
 def _first_line(error: BaseException) -> str:

@@ -76,14 +76,37 @@ def as_model_layout(x: np.ndarray) -> np.ndarray:
 
 
 def as_engine_dtype(a: np.ndarray, what: str = "fed", part: str = "labels") -> np.ndarray:
-    """uint8 stays uint8 (pixels); other integers become int32, floats and bools float32."""
+    """uint8 stays uint8 (pixels); other integers become int32, floats and bools float32.
+
+    Raises:
+        ConfigError: an integer outside int32 (it would wrap: 2**32 + 1 becomes 1).
+    """
     if a.dtype == np.uint8 and part == "inputs":
         return a
     if np.issubdtype(a.dtype, np.integer):
+        _fits_int32(a, what, part)
         return a.astype(np.int32)
     if np.issubdtype(a.dtype, np.floating) or a.dtype == bool:
         return a.astype(np.float32)
     raise ConfigError(f"{what} {part} have dtype {a.dtype}; pass numbers")
+
+
+def _fits_int32(a: np.ndarray, what: str, part: str) -> None:
+    """Refuses integers that int32 cannot hold, naming the first such row and its value."""
+    if np.can_cast(a.dtype, np.int32) or a.size == 0:
+        return
+    low, high = np.iinfo(np.int32).min, np.iinfo(np.int32).max
+    if a.min() >= low and a.max() <= high:
+        return
+    outside = ((a < low) | (a > high)).reshape(len(a), -1)
+    row = int(np.argmax(outside.any(axis=1)))
+    value = a.reshape(len(a), -1)[row][outside[row]][0]
+    fix = ("renumber the classes 0..C-1 (e.g. np.unique(labels, return_inverse=True)[1])"
+           if part == "labels" else "pass them as floats or as smaller integers")  # fmt: skip
+    raise ConfigError(
+        f"{what} {part} row {row} holds {value}, outside int32 ({low}..{high}), in which the "
+        f"engine keeps integers; {fix}"
+    )
 
 
 def resolve_data(
@@ -124,6 +147,12 @@ def resolve_data(
             raise ConfigError(
                 f"test examples have shape {tx.shape[1:]} but train examples "
                 f"have {x.shape[1:]}; both sets need the same shape"
+            )
+        if ty.shape[1:] != y.shape[1:]:  # e.g. (N, 1) against (N,): evaluation would not compile
+            raise ConfigError(
+                f"test labels have shape {ty.shape} but train labels have {y.shape}; both sets "
+                f"need the same label shape per example (reshape the test labels to "
+                f"{(len(ty), *y.shape[1:])})"
             )
     num_classes = None  # of integer labels: the largest + 1 (for the named models)
     if np.issubdtype(y.dtype, np.integer):

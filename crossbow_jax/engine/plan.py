@@ -164,6 +164,45 @@ def run_end(clock: Clock, epochs: float) -> int:
     return clock.start.step if end is None else max(end, 1)
 
 
+# The longest run the engine takes, checked before any work (`check_length`):
+# - MAX_STEPS: steps are counted on the devices in int32 (the state's step, the reset and
+#   milestone steps, optax's counts), so a run past 2**31 - 1 steps would wrap.
+# - MAX_DISPATCHES: the loop plans a run's dispatches up front (`plan_chunks`, one `Chunk`
+#   of about 230 bytes and 5 us of host time each, measured on the 2-core CI machine), so
+#   2**24 dispatches are about 4 GB of host memory and 90 s before the first step. Real runs
+#   are far below: ResNet-50 on ImageNet for 90 epochs, 16 images per step, one step per
+#   dispatch, is 7.2 million.
+MAX_STEPS = 2**31 - 1
+MAX_DISPATCHES = 2**24
+
+
+def check_length(clock: Clock, epochs: float, steps_per_dispatch: int) -> None:
+    """Refuses a run whose steps from `clock.start` overflow the step counter or whose
+    dispatches are too many to plan (`MAX_STEPS`, `MAX_DISPATCHES`).
+
+    Raises:
+        ConfigError: one line naming the epochs, the steps and the bound.
+    """
+    end = run_end(clock, epochs)
+    steps = end - clock.start.step
+    what = (f"epochs={epochs:g} is {steps} steps"
+            f"{f' from step {clock.start.step}' if clock.start.step else ''}")  # fmt: skip
+    per_epoch = f"{clock.steps_per_epoch} steps of {clock.per_step} images per epoch"
+    if end > MAX_STEPS:
+        most = MAX_STEPS / max(clock.steps_per_epoch, 1)
+        raise ConfigError(
+            f"{what} ({per_epoch}); the engine counts steps in int32, at most {MAX_STEPS} "
+            f"steps: use at most epochs={most:.6g}, or more images per step"
+        )
+    dispatches = -(-steps // steps_per_dispatch)  # at least: a dispatch takes at most that many
+    if dispatches > MAX_DISPATCHES:
+        raise ConfigError(
+            f"{what} in {dispatches} dispatches of at most {steps_per_dispatch} "
+            f"step{'s' if steps_per_dispatch > 1 else ''}; a run is planned up front, at most "
+            f"{MAX_DISPATCHES} dispatches: use fewer epochs or a larger steps_per_dispatch"
+        )
+
+
 def plan_chunks(
     clock: Clock,
     end: int,

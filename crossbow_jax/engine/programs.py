@@ -18,11 +18,19 @@ import jax
 import numpy as np
 
 from crossbow_jax.engine import mapping, step, traffic
+from crossbow_jax.engine.checks import check_memory
 from crossbow_jax.engine.config import TrainConfig
 from crossbow_jax.engine.inputs import Arrays
 from crossbow_jax.engine.optimizers import learner_transform
-from crossbow_jax.engine.placement import TestData, TrainData
-from crossbow_jax.engine.plan import Clock, Layout, Position, epoch_steps, layout_for
+from crossbow_jax.engine.placement import TestData, TrainData, resolve_placement
+from crossbow_jax.engine.plan import (
+    Clock,
+    Layout,
+    Position,
+    check_length,
+    epoch_steps,
+    layout_for,
+)
 from crossbow_jax.engine.task import Task
 from crossbow_jax.models.adapters import Model
 from crossbow_jax.transformation.resize import resize_params, resize_state
@@ -194,11 +202,16 @@ def prepare(
         like: the setup this one takes over from (its placed training set is shared).
 
     Raises:
-        ConfigError: not even one step fits in the training set (before any work).
+        ConfigError: before any work: not even one step fits in the training set; the
+            run is too long to count or plan (`plan.check_length`); its state and data
+            cannot fit the devices' memory (`checks.check_memory`; not checked for a
+            layout taking over from another, `like`).
     """
     layout = layout_for(config.algorithm, mesh.size, learners_per_device, config.batch_size)
     epoch_steps(layout, data.num_train)  # at least one step fits
     clock = Clock(start or Position(), layout.images_per_step, data.num_train)
+    dispatch = resolve_dispatch(config, mesh)
+    check_length(clock, config.epochs, dispatch[0])
     axes = mapping.device_axes(mesh)
     spec = step.StepSpec(
         model,
@@ -210,6 +223,9 @@ def prepare(
         task or Task(),
         axes,
     )
+    if like is None:  # the tuner's later layouts: 1 learner was checked at the first
+        placement = resolve_placement(config, data, mesh)
+        check_memory(config, model, spec.tx, data, mesh, layout, placement)
     compiler = Compiler(spec, mesh, config.mapper)
     train_data = TrainData(config, data, layout, mesh, clock, like and like.train_data)
-    return Setup(layout, clock, compiler, train_data, *resolve_dispatch(config, mesh))
+    return Setup(layout, clock, compiler, train_data, *dispatch)
