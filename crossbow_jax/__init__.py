@@ -5,7 +5,15 @@ Synchronous Model Averaging (SMA).
 """
 
 from crossbow_jax.api import train
-from crossbow_jax.engine import ConfigError, TrainConfig, TrainingDiverged, TrainResult, load_run
+from crossbow_jax.engine import (
+    CheckpointError,
+    ConfigError,
+    RunInterrupted,
+    TrainConfig,
+    TrainingDiverged,
+    TrainResult,
+    load_run,
+)
 from crossbow_jax.transformation import (
     DiLoCoState,
     HierarchicalState,
@@ -24,10 +32,12 @@ from crossbow_jax.transformation import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "ConfigError",
     "DiLoCoState",
     "HierarchicalState",
     "LocalSGDState",
+    "RunInterrupted",
     "SMAState",
     "SSGDState",
     "TrainConfig",

@@ -11,7 +11,7 @@ from typing import Any
 
 import jax
 
-from crossbow_jax.engine import TrainResult, fit
+from crossbow_jax.engine import TrainResult, fit, preemption
 from crossbow_jax.engine.checkpoint import Checkpointer
 from crossbow_jax.engine.checks import check_run
 from crossbow_jax.engine.config import make_config, refuse_ignored_options
@@ -74,8 +74,14 @@ def train(
         A `TrainResult`.
 
     Raises:
-        ConfigError: bad settings, model, data or optimiser, before any training.
+        ConfigError: bad settings, model, data or optimiser, or a run folder that
+            holds another run or is in use, before any training.
         TrainingDiverged: the loss became NaN/Inf (the last good checkpoint stays).
+        RunInterrupted: SIGTERM or SIGINT (the first Ctrl-C) came; the dispatch in
+            flight finished and, with `checkpoint_dir`, its step was saved
+            (`.step`, `.folder`); resume=True continues from there.
+        CheckpointError: a checkpoint could not be written (no space, read-only:
+            the cause is named); the previous checkpoints stay.
     """
     refuse_ignored_options(optimizer, options)
     config = make_config(
@@ -90,7 +96,7 @@ def train(
     if isinstance(model, str):  # a bad name fails before the data is loaded
         get_spec(model)
     checkpointer = Checkpointer(config.checkpoint_dir, config) if config.checkpoint_dir else None
-    with checkpointer or contextlib.nullcontext():
+    with checkpointer or contextlib.nullcontext(), preemption.Signals() as signals:
         module, data, mesh = resolve(config, model, train, test, data_dir=data_dir, augment=augment)
         task = check_run(config, module, optimizer, data, loss_fn=loss_fn, metrics_fn=metrics_fn)
         started = time.perf_counter()
@@ -131,6 +137,7 @@ def train(
             tuning=tuning,
             started=started,
             tuner=tuner,
+            signals=signals,
         )
         result.executions = executions
         if tuner and config.checkpoint_dir and jax.process_index() == 0:

@@ -1,18 +1,12 @@
-"""Checkpoints, resume after a kill, bad input before any work, divergence."""
+"""Checkpoints and resume, bad input before any work, divergence."""
 
-import os
 import pathlib
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
 import optax
 import pytest
-from _engine_fixtures import MLP, prepared, split, subprocess_xla_flags
-from _resume_child import RESUME_KW
+from _engine_fixtures import MLP, prepared, split
 
 import crossbow_jax
 from crossbow_jax.engine import programs
@@ -21,6 +15,18 @@ from crossbow_jax.engine.config import ConfigError
 
 TRAIN, TEST = split()
 HERE = pathlib.Path(__file__).resolve().parent
+RESUME_KW = {
+    "batch_size": 8,
+    "learners_per_device": 2,
+    "epochs": 4,
+    "num_devices": 2,
+    "steps_per_dispatch": 4,
+    "checkpoint_every": 8,
+    "eval_every": 12,
+    "progress": False,
+    "seed": 3,
+}
+# kill -9, SIGTERM and Ctrl-C mid-run, and their resumes: test_run_folder.py
 
 
 def leaves(tree):
@@ -34,61 +40,13 @@ def checkpoint_steps(run_dir):
     )
 
 
-def test_killed_run_resumes_bit_identical(tmp_path):
-    run_dir = tmp_path / "run"
-    env = dict(
-        os.environ,
-        XLA_FLAGS=subprocess_xla_flags(2),
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=str(HERE),
-    )
-    child = subprocess.Popen(
-        [sys.executable, str(HERE / "_resume_child.py"), str(run_dir)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.time() + 120
-        while not checkpoint_steps(run_dir) and time.time() < deadline:
-            assert child.poll() is None, child.stdout.read().decode()[-2000:]
-            time.sleep(0.05)
-        assert checkpoint_steps(run_dir), "no checkpoint within 120 s"
-        child.send_signal(signal.SIGKILL)
-        child.wait(30)
-    finally:
-        if child.poll() is None:
-            child.kill()
-    killed_at = checkpoint_steps(run_dir)[-1]
-    total = 4 * (768 // 32)
-    assert killed_at < total, "the child finished before it was killed"
-
-    logged = []
-    resumed = crossbow_jax.train(
-        MLP(),
-        TRAIN,
-        TEST,
-        checkpoint_dir=str(run_dir),
-        resume=True,
-        callback=logged.append,
-        **RESUME_KW,
-    )
-    assert min(row["step"] for row in logged) > killed_at  # it went on, not from scratch
-    no_folder = {k: v for k, v in RESUME_KW.items() if k != "checkpoint_every"}
-    straight = crossbow_jax.train(MLP(), TRAIN, TEST, **no_folder)
-    for a, b in zip(leaves(resumed.params), leaves(straight.params), strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert resumed.accuracy == straight.accuracy
-    assert resumed.steps == straight.steps == total
-    steps = [row["step"] for row in resumed.history]
-    assert steps == sorted(set(steps)) and steps[-1] == total and steps[0] < killed_at
-
-
 def test_finished_run_folder_needs_resume_and_the_same_config(tmp_path):
     kw = dict(RESUME_KW, epochs=1, progress=False)
     crossbow_jax.train(MLP(), TRAIN, TEST, checkpoint_dir=str(tmp_path), **kw)
     before = checkpoint_steps(tmp_path)
-    with pytest.raises(ConfigError, match="already holds a run; pass resume=True"):
+    with pytest.raises(
+        ConfigError, match=r"already holds a run \(checkpoints up to step \d+\); pass resume=True"
+    ):
         crossbow_jax.train(MLP(), TRAIN, TEST, checkpoint_dir=str(tmp_path), **kw)
     with pytest.raises(ConfigError, match=r"another config \(batch_size: 8 -> 16"):
         crossbow_jax.train(
@@ -234,8 +192,11 @@ def test_resuming_with_another_model_or_optimiser_is_refused_and_changes_nothing
               checkpoint_dir=str(tmp_path))  # fmt: skip
     crossbow_jax.train(MLP(), TRAIN, TEST, epochs=1, **kw)
     before = folder_bytes(tmp_path)
-    with pytest.raises(ConfigError, match=r"the model differs from the one the run was started "
-                       r"with \(\['Dense_0'\]\['bias'\] was float32\[4\], now float32\[5\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"the model differs from the one the run was started "
+        r"with \(\['Dense_0'\]\['bias'\] was float32\[4\], now float32\[5\]",
+    ):
         crossbow_jax.train(MLP(classes=5), TRAIN, TEST, epochs=2, resume=True, **kw)
     with pytest.raises(ConfigError, match="the optimiser differs from the one the run"):
         crossbow_jax.train(MLP(), TRAIN, TEST, epochs=2, resume=True, optimizer=optax.adam(1e-3),
@@ -244,3 +205,30 @@ def test_resuming_with_another_model_or_optimiser_is_refused_and_changes_nothing
     again = crossbow_jax.train(MLP(), TRAIN, TEST, epochs=2, resume=True, **kw)
     assert again.steps == 2 * (768 // 32)
 
+
+def test_resuming_on_other_data_or_with_an_optimiser_that_behaves_otherwise_is_refused(
+    tmp_path,
+):
+    """The data (shapes, dtypes, content) and the optimiser's behaviour are part of the
+    run's identity; elastic=True does not waive them."""
+    kw = {"batch_size": 8, "learners_per_device": 2, "num_devices": 2, "progress": False,
+          "checkpoint_dir": str(tmp_path), "epochs": 1}  # fmt: skip
+    crossbow_jax.train(MLP(), TRAIN, TEST, optimizer=optax.adam(1e-2), **kw)
+    before = folder_bytes(tmp_path)
+    fewer = (TRAIN[0][:-32], TRAIN[1][:-32])
+    shifted = (TRAIN[0] + np.float32(1e-3), TRAIN[1])
+    refusals = [
+        ({"train": fewer}, r"the data differs from the run's \(train inputs were float32\[768,"),
+        ({"train": shifted}, r"train inputs were float32\[768, 8\] sha256:\w+, now float32\[768, 8\] sha256"),
+        ({"test": (TEST[0], (TEST[1] + 1) % 4)}, "test labels were"),
+        ({"optimizer": optax.adam(1e-1)}, r"the optimiser behaves differently from the run's: .*first update's size was"),
+        ({"optimizer": optax.adam(1e-1), "elastic": True, "learners_per_device": 1}, "behaves differently"),
+    ]  # fmt: skip
+    for change, match in refusals:
+        args = {"train": TRAIN, "test": TEST, "optimizer": optax.adam(1e-2), **change}
+        with pytest.raises(ConfigError, match=match):
+            crossbow_jax.train(MLP(), resume=True, **{**kw, **args})
+    assert folder_bytes(tmp_path) == before
+    again = crossbow_jax.train(MLP(), TRAIN, TEST, optimizer=optax.adam(1e-2), resume=True,
+                               **{**kw, "epochs": 2})  # fmt: skip
+    assert again.steps == 2 * (768 // 32)

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -227,3 +228,45 @@ def test_shell_command_across_two_processes_reports_once(tmp_path):
     assert result["processes"] == 2 and result["devices"] == 4 and result["steps"] == 4
     assert json.loads((run / "history.json").read_text())[-1]["step"] == 4
     assert (run / "checkpoints" / "4").is_dir()
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_saves_the_same_step_in_every_process(tmp_path):
+    """SIGTERM to process 1 alone: both processes finish the dispatch, save the same step
+    (one checkpoint, intact) and exit 143; the run resumes from it to the end."""
+    from _run_folder_child import COMMAND
+
+    from crossbow_jax import cli
+    from crossbow_jax.engine import runfolder
+
+    port, run = _free_port(), tmp_path / "run"
+    procs = []
+    for i in range(2):
+        flags = ["--num-devices", "4", "--coordinator-address", f"127.0.0.1:{port}",
+                 "--num-processes", "2", "--process-id", str(i)]  # fmt: skip
+        with open(tmp_path / f"process-{i}.stderr", "w") as err:
+            procs.append(subprocess.Popen(
+                [sys.executable, str(HERE / "_run_folder_child.py"), "none", str(run), *flags],
+                env=_worker_env(2), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err,
+            ))  # fmt: skip
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (run / runfolder.DIGESTS).is_dir() or not os.listdir(run / runfolder.DIGESTS):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)
+        codes = [p.wait(60) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    errs = [(tmp_path / f"process-{i}.stderr").read_text() for i in range(2)]
+    assert codes == [143, 143], errs
+    said = [[line for line in e.splitlines() if line.startswith("interrupted by SIGTERM")]
+            for e in errs]  # fmt: skip
+    assert all(len(lines) == 1 for lines in said), errs
+    step = int(said[0][0].split("saved step ")[1].split()[0])
+    assert said[1][0] == said[0][0]  # the same step, the same folder
+    assert runfolder.intact_steps(str(run))[0][0] == step
+    assert cli.main([*COMMAND, "--output", str(run), "--num-devices", "4", "--resume"]) == 0
+    assert json.loads((run / "result.json").read_text())["steps"] == 16  # 4 a epoch

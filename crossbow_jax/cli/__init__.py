@@ -59,11 +59,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Bad input of any kind (flags, config values, data that cannot be had, an
     unwritable or mismatched run folder) prints one `error: ...` line to
-    stderr and returns 2; a diverged run prints its message and returns 1.
+    stderr and returns 2; a diverged run prints its message and returns 1; a run
+    stopped by SIGTERM or Ctrl-C says where it saved and returns 143 or 130.
     Other exceptions propagate with their traceback.
     """
     from crossbow_jax.data import DatasetError
-    from crossbow_jax.engine import ConfigError, TrainingDiverged
+    from crossbow_jax.engine import ConfigError, RunInterrupted, TrainingDiverged
 
     try:
         modules = _command_modules()
@@ -74,6 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunInterrupted as e:
+        print(f"interrupted by {_one_line(e)}", file=sys.stderr)
+        return e.exit_code
     except TrainingDiverged as e:
         print(f"error: training diverged: {_one_line(e)}", file=sys.stderr)
         return 1
@@ -81,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: stopped at once; a run folder keeps its latest checkpoint, and "
+              "--resume continues from it", file=sys.stderr)  # fmt: skip
         return 130
 
 

@@ -250,6 +250,8 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
     folder = next(flags(f)[0] for f in FIELDS if f.name == "checkpoint_dir")  # --output
     if args.resume and not args.checkpoint_dir:
         raise ConfigError(f"--resume needs {folder} DIR, the run folder to resume")
+    if args.overwrite and not args.checkpoint_dir:
+        raise ConfigError(f"--overwrite needs {folder} DIR, the run folder to start anew")
     if args.checkpoint_every and not args.checkpoint_dir:
         raise ConfigError(f"--checkpoint-every needs {folder} DIR, where checkpoints go")
     values = {f.name: getattr(args, f.name) for f in FIELDS}

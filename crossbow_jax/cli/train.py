@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -11,6 +12,7 @@ from typing import Any
 from crossbow_jax.cli import _common
 from crossbow_jax.engine import distributed
 from crossbow_jax.engine.config import check_writable
+from crossbow_jax.engine.runfolder import RunLock
 
 EXAMPLES = """\
 examples:
@@ -22,7 +24,9 @@ examples:
 
 The last line printed is the result: the central model's test accuracy,
 images/s, wall time, compile time (and time to --target-accuracy).
-Exit codes: 0 done, 1 training diverged, 2 bad input (one 'error:' line).
+Exit codes: 0 done, 1 training diverged, 2 bad input or a run folder that cannot
+be used (one 'error:' line), 143 SIGTERM and 130 Ctrl-C (the step reached is saved
+in --output first; a second Ctrl-C stops at once).
 """
 
 RESULT_FILE = "result.json"
@@ -55,10 +59,14 @@ def run(args: argparse.Namespace) -> int:
 
     import crossbow_jax
 
-    result = crossbow_jax.train(model, **_common.data_arguments(args), **dataclasses.asdict(config))
+    folder = config.checkpoint_dir if main_process else None
+    with RunLock(folder) if folder else contextlib.nullcontext():  # until result.json is out
+        result = crossbow_jax.train(
+            model, **_common.data_arguments(args), **dataclasses.asdict(config)
+        )
+        if folder:
+            write_run_files(folder, result, model=args.model, dataset=args.dataset)
     if main_process:
-        if config.checkpoint_dir:
-            write_run_files(config.checkpoint_dir, result, model=args.model, dataset=args.dataset)
         print(result_line(result), flush=True)
     return 0
 

@@ -49,8 +49,9 @@ def run(args: argparse.Namespace) -> int:
     """Tunes; process 0 prints the table and writes the JSON and plot."""
     if args.learners_per_device != "auto":
         raise _common.UsageError("tune chooses --learners-per-device itself; leave it out")
-    if args.resume:
-        raise _common.UsageError("tune does not train, so there is nothing to --resume")
+    if args.resume or args.overwrite:
+        flag = "--resume" if args.resume else "--overwrite"
+        raise _common.UsageError(f"tune does not train, so there is no run to {flag}")
     config = _common.config_from_args(args)  # bad flags fail here, before anything starts
     _common.start_processes(args)  # before the user's model code may touch JAX
     model = _common.model_from_args(args)
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     # The run's settings and the search's (`tune_*`); the run folder's do not apply.
     skip = {"learners_per_device", "checkpoint_dir", "checkpoint_every", "checkpoint_minutes",
-            "resume", "progress"}  # fmt: skip
+            "resume", "overwrite", "progress"}  # fmt: skip
     fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
     data = _common.data_arguments(args)
     tuner.tune(

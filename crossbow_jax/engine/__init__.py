@@ -16,6 +16,8 @@
   on the devices, the learner optimiser, orbax checkpoints, the device axes
   (hosts x devices) and multi-process runs.
 - `traffic.py`: the bytes all-reduced per step, read from the compiled step.
+- `runfolder.py`, `preemption.py`: the run folder's lock, digests and
+  overwrite; SIGTERM/SIGINT noted, saved and reported (`RunInterrupted`).
 
 See docs/design.md for the path of one batch through these files.
 """
@@ -23,6 +25,7 @@ See docs/design.md for the path of one batch through these files.
 from crossbow_jax.engine.config import ConfigError, TrainConfig
 from crossbow_jax.engine.history import TrainingDiverged
 from crossbow_jax.engine.loop import fit
+from crossbow_jax.engine.preemption import RunInterrupted
 from crossbow_jax.engine.mapping import (
     DEVICE_AXIS,
     HOST_AXIS,
@@ -32,11 +35,14 @@ from crossbow_jax.engine.mapping import (
     select_devices,
 )
 from crossbow_jax.engine.result import TrainResult, load_run
+from crossbow_jax.engine.runfolder import CheckpointError
 
 __all__ = [
     "DEVICE_AXIS",
     "HOST_AXIS",
+    "CheckpointError",
     "ConfigError",
+    "RunInterrupted",
     "TrainConfig",
     "TrainResult",
     "TrainingDiverged",

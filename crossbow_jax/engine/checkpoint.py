@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the whole training state, and the run's identity.
+"""Orbax checkpoints of the whole training state; the run's identity checked on resume.
 
 A checkpoint holds the global training state (sharded arrays, written by
 every process for its own shards) and a small JSON record (step, history,
@@ -8,8 +8,10 @@ intact. `config.json` in the run folder pins what a resumed run must share:
 the settings (`TrainConfig.identity`), the layout, and fingerprints of the
 model's parameter tree (every array's path, dtype and shape) and of the
 optimiser state (every array's path and dtype: its shapes follow the layout).
-It is written only once a run has passed every check, so a refused resume
-leaves the folder as it was.
+With the data and the optimiser's behaviour (`identity`), it is written
+only once a run has passed every check, so a refused resume leaves the
+folder as it was. Saves are checked and digested, and a resume starts from
+the newest intact checkpoint (`runfolder`).
 """
 
 from __future__ import annotations
@@ -24,78 +26,75 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from crossbow_jax.engine import identity, runfolder
 from crossbow_jax.engine.config import ELASTIC_FIELDS, ConfigError, TrainConfig, check_writable
 
-CONFIG_FILE = "config.json"
-FINGERPRINTS = {
-    "layout": "the layout (devices x learners per device)",
-    "model": "the model",
-    "optimizer": "the optimiser",
-}
-"""Fingerprinted parts of the state: `config.json` key `fingerprint_<part>`, and their names."""
-
-
-def fingerprint(tree: Any) -> dict[str, str]:
-    """Every leaf of `tree` by path: "dtype[shape]" for an array, the value for a number."""
-    leaves = jax.tree_util.tree_leaves_with_path(tree)
-    return {
-        jax.tree_util.keystr(path): f"{x.dtype}{list(x.shape)}" if hasattr(x, "shape") else repr(x)
-        for path, x in leaves
-    }
-
-
-def describe_difference(saved: dict[str, str], now: dict[str, str]) -> str:
-    """What differs between two fingerprints, in a few words."""
-    changed = [k for k in saved if k in now and saved[k] != now[k]]
-    gone = [k for k in saved if k not in now]
-    new = [k for k in now if k not in saved]
-    parts = []
-    if changed:
-        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
-        parts.append(f"{changed[0]} was {saved[changed[0]]}, now {now[changed[0]]}{more}")
-    for what, keys in (("saved arrays missing now", gone), ("arrays not in the run", new)):
-        if keys:
-            parts.append(f"{len(keys)} {what} (e.g. {keys[0]})")
-    return "; ".join(parts)
+CONFIG_FILE = runfolder.CONFIG_FILE
 
 
 class Checkpointer:
-    """Saves and restores a run's state in `directory`."""
+    """Saves and restores a run's state in `directory`, holding the folder (`RunLock`).
+
+    Opening it checks the folder before any work: a fresh run into a folder
+    that holds another run is refused (unless `config.overwrite`); a resumed
+    run must share the saved settings and starts from the newest intact
+    checkpoint (a damaged or unfinished newer one is reported in one line and
+    set aside in `damaged/`).
+    """
 
     def __init__(self, directory: str, config: TrainConfig, keep: int = 2):
         self.directory = os.path.abspath(directory)
         check_writable(self.directory)
-        self._manager = ocp.CheckpointManager(
-            os.path.join(self.directory, "checkpoints"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-        )
-        self.identity = config.identity()
+        self._lock = runfolder.RunLock(self.directory) if jax.process_index() == 0 else None
         try:
+            self.overwrite = config.overwrite and runfolder.holds_a_run(self.directory)
+            self.identity = config.identity()
             self.saved = self._check_identity(config)
-        except ConfigError:
-            self._manager.close()
+            self.step, self._record = self._choose_step() if self.saved else (None, None)
+        except BaseException:
+            self.close()
             raise
+        self._manager = self._open(keep)
+
+    def _open(self, keep: int) -> ocp.CheckpointManager:
+        self._keep = keep
+        return ocp.CheckpointManager(
+            os.path.join(self.directory, runfolder.CHECKPOINTS),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, enable_async_checkpointing=False
+            ),  # a save is waited for anyway; in the caller's thread, it never outlives it
+        )
 
     def _check_identity(self, config: TrainConfig) -> dict[str, Any]:
         """The saved `config.json` of a run to resume ({} for a fresh run); checks the settings."""
         path = os.path.join(self.directory, CONFIG_FILE)
-        if not (os.path.exists(path) and self.latest_step() is not None):
+        steps = runfolder.checkpoint_steps(self.directory)
+        if self.overwrite or not runfolder.holds_a_run(self.directory):
             return {}
+        if not config.resume:
+            held = f"checkpoints up to step {steps[-1]}" if steps else "an unfinished checkpoint"
+            raise ConfigError(
+                f"{self.directory} already holds a run ({held}); pass resume=True (--resume) "
+                "to continue it, overwrite=True (--overwrite) to replace it, or use another folder"
+            )
+        if not steps:
+            return {}  # only a checkpoint that was cut off: the run starts from the beginning
+        if not os.path.exists(path):
+            raise ConfigError(
+                f"{self.directory} holds checkpoints but no {CONFIG_FILE}, so what they belong "
+                "to cannot be checked; pass overwrite=True (--overwrite) to start anew, or use "
+                "another folder"
+            )
         with open(path) as f:
             saved = json.load(f)
-        if not config.resume:
-            raise ConfigError(
-                f"{self.directory} already holds a run; pass resume=True "
-                "(--resume) to continue it, or use another folder"
-            )
         settings = {k: v for k, v in saved.items() if not k.startswith("fingerprint_")}
-        identity = self.identity
-        keys = set(settings) | set(identity)
-        diff = sorted(k for k in keys if settings.get(k) != identity.get(k))
+        now = self.identity
+        keys = set(settings) | set(now)
+        diff = sorted(k for k in keys if settings.get(k) != now.get(k))
         if config.elastic:
             diff = [k for k in diff if k not in ELASTIC_FIELDS]
         if diff:
-            changes = ", ".join(f"{k}: {settings.get(k)!r} -> {identity.get(k)!r}" for k in diff)
+            changes = ", ".join(f"{k}: {settings.get(k)!r} -> {now.get(k)!r}" for k in diff)
             hardware = all(k in ELASTIC_FIELDS for k in diff)
             hint = ", or elastic=True (--elastic) to resume on other hardware" if hardware else ""
             raise ConfigError(
@@ -104,33 +103,75 @@ class Checkpointer:
             )
         return saved
 
-    def check_and_record(self, unchecked: tuple[str, ...] = (), **parts: Any) -> None:
-        """Checks a resumed run's model and optimiser against the run folder, then writes
-        `config.json` (settings and fingerprints).
+    def _choose_step(self) -> tuple[int, dict[str, Any]]:
+        """The newest intact checkpoint and its record; damaged newer ones are set aside."""
+        step, record, damaged = newest_intact(self.directory)
+        for bad, problem in damaged:
+            if jax.process_index() == 0:
+                where = runfolder.set_aside(self.directory, bad)
+                runfolder.report(
+                    f"the checkpoint of step {bad} in {self.directory} is damaged ({problem}); "
+                    f"resuming from step {step}, the newest intact one (moved it to {where})"
+                )
+        if damaged and jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("crossbow_jax: damaged checkpoints set aside")
+        return step, record
+
+    def check_and_record(
+        self,
+        unchecked: tuple[str, ...] = (),
+        *,
+        data=None,
+        behaviour=identity.DEFAULT,
+        **parts: Any,
+    ) -> None:
+        """Checks a resumed run against the run folder, then writes `config.json`
+        (settings and fingerprints).
 
         Args:
             unchecked: parts recorded but not checked (`layout` on an elastic resume).
+            data: `identity.data_fingerprint` of the run's data.
+            behaviour: `identity.optimizer_behaviour` of an optimiser of the user's
+                (`identity.DEFAULT`: the engine's, which the settings pin).
             **parts: `layout=` {"devices", "learners_per_device"}, `model=` the
                 parameter tree, `optimizer=` the optimiser state (arrays or shape
-                structs; see `FINGERPRINTS`).
+                structs; see `identity.FINGERPRINTS`).
 
         Raises:
-            ConfigError: the run folder was started with another model or
-                optimiser; nothing in the folder is changed.
+            ConfigError: the run folder was started with another model, optimiser or
+                data (saying what differs); nothing in the folder is changed.
         """
         record = dict(self.identity)
         for part, tree in parts.items():
-            key, now = f"fingerprint_{part}", fingerprint(tree)
+            key, now = f"fingerprint_{part}", identity.fingerprint(tree)
             saved = self.saved.get(key)
             if part == "optimizer" and saved is not None:  # folders that kept its shapes
                 saved = {k: v.split("[")[0] + "[]" for k, v in saved.items()}
             if saved is not None and saved != now and part not in unchecked:
-                raise ConfigError(
-                    f"cannot resume {self.directory}: {FINGERPRINTS[part]} differs from the "
-                    f"one the run was started with ({describe_difference(saved, now)}); "
-                    "use the original one or a new folder"
-                )
+                what = identity.describe_difference(saved, now)
+                self._refuse(f"{identity.FINGERPRINTS[part]} differs from the one the run was "
+                             f"started with ({what})")  # fmt: skip
             record[key] = now
+        for part, now in (("data", data), ("behaviour", behaviour)):
+            key = f"fingerprint_{part}"
+            if key in self.saved:  # (folders from before these were kept: not checked)
+                saved = self.saved[key]
+                why = identity.data_difference(saved, now) if part == "data" else (
+                    identity.behaviour_difference(saved, now))  # fmt: skip
+                if why:
+                    self._refuse(why)
+            record[key] = now
+        if self.overwrite:  # the new run passed its checks: the old one goes now
+            self._manager.close()
+            if jax.process_index() == 0:
+                runfolder.clear(self.directory)
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("crossbow_jax: run folder cleared")
+            self._manager, self.overwrite = self._open(self._keep), False
         if jax.process_index() == 0:  # atomic: other processes may be reading it
             path = os.path.join(self.directory, CONFIG_FILE)
             tmp = f"{path}.{os.getpid()}.tmp"
@@ -138,41 +179,63 @@ class Checkpointer:
                 json.dump(record, f, indent=1, sort_keys=True)
             os.replace(tmp, path)
 
+    def _refuse(self, why: str) -> None:
+        raise ConfigError(
+            f"cannot resume {self.directory}: {why}; use the original one or a new folder"
+        )
+
     def latest_step(self) -> int | None:
-        return self._manager.latest_step()
+        """The step a resumed run starts from: the newest intact checkpoint (None: none)."""
+        return self.step
 
     def save(self, step: int, state: Any, record: dict[str, Any], central: Any = None) -> None:
         """Writes `state` (jax arrays), a JSON `record` and, when given, the central
-        model's `(params, model state)` (NumPy; what `read_central` returns); waits
-        until it is on disk."""
+        model's `(params, model state)` (NumPy; what `read_central` returns), then the
+        checkpoint's digest; returns once all is on disk.
+
+        Raises:
+            CheckpointError: orbax declined the save (a step at or below one in the
+                folder) or it failed (no space, read-only, permission), naming the cause.
+        """
         items = {"state": ocp.args.StandardSave(state), "record": ocp.args.JsonSave(record)}
         if central is not None:
             items["central"] = ocp.args.StandardSave(central)
-        self._manager.save(step, args=ocp.args.Composite(**items))
-        self._manager.wait_until_finished()
+        where = f"the checkpoint of step {step} in {self.directory}"
+        try:
+            done = self._manager.save(step, args=ocp.args.Composite(**items))
+            self._manager.wait_until_finished()
+            if done and jax.process_index() == 0:
+                runfolder.write_digest(self.directory, step)
+        except Exception as e:
+            raise runfolder.CheckpointError(f"could not write {where}: {_cause(e)}") from e
+        if not done:
+            raise runfolder.CheckpointError(
+                f"orbax declined to write {where}: the folder already holds step "
+                f"{self._manager.latest_step()} (another run wrote there?); use a new folder"
+            )
+        self.step, self._record = step, record
 
     def restore(self, like: Any) -> tuple[Any, dict[str, Any]]:
-        """Restores the latest checkpoint onto the shardings of `like`."""
-        step = self.latest_step()
+        """Restores the chosen checkpoint (`latest_step`) onto the shardings of `like`."""
         target = jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), like
         )
-        with _quiet_orbax():
-            out = self._manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target), record=ocp.args.JsonRestore()
-                ),
-            )
-        return out["state"], dict(out["record"])
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        return self._read(args)["state"], self._record
 
     def latest_record(self) -> dict[str, Any]:
-        """The JSON record of the latest checkpoint (step, position, history, ...)."""
-        with _quiet_orbax():
-            out = self._manager.restore(
-                self.latest_step(), args=ocp.args.Composite(record=ocp.args.JsonRestore())
-            )
-        return dict(out["record"])
+        """The JSON record of the chosen checkpoint (step, position, history, ...)."""
+        return self._record
+
+    def _read(self, args) -> Any:
+        try:
+            with _quiet_orbax():
+                return self._manager.restore(self.step, args=args)
+        except Exception as e:  # verified files that do not load: not a user's mistake
+            raise runfolder.CheckpointError(
+                f"the checkpoint of step {self.step} in {self.directory} cannot be read "
+                f"({_cause(e)})"
+            ) from e
 
     def restore_as_saved(self, like: Any) -> Any:
         """The latest checkpoint's state as NumPy arrays of the shapes they were saved with.
@@ -181,8 +244,7 @@ class Checkpointer:
             like: a state of the same structure (its shapes may differ: another
                 number of devices or learners).
         """
-        step = self.latest_step()
-        folder = os.path.join(self.directory, "checkpoints", str(step), "state")
+        folder = os.path.join(self.directory, runfolder.CHECKPOINTS, str(self.step), "state")
         with ocp.StandardCheckpointer() as reader, _quiet_orbax():  # no per-item warnings
             saved = reader.metadata(folder).item_metadata
         saved = getattr(saved, "tree", saved)
@@ -195,14 +257,14 @@ class Checkpointer:
             return np.zeros(node.shape, node.dtype)
 
         target_tree = jax.tree_util.tree_map_with_path(target, like)
-        with _quiet_orbax():
-            out = self._manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target_tree))
-            )
-        return out["state"]
+        return self._read(ocp.args.Composite(state=ocp.args.StandardRestore(target_tree)))["state"]
 
     def close(self) -> None:
-        self._manager.close()
+        if getattr(self, "_manager", None) is not None:
+            self._manager.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -211,33 +273,44 @@ class Checkpointer:
         self.close()
 
 
-def _latest(manager, directory: str) -> int:
-    step = manager.latest_step()
-    if step is None:
-        raise ConfigError(f"{directory!r} holds no checkpoint; pass a run folder (checkpoint_dir)")
-    return step
-
-
 def _manager(directory: str) -> ocp.CheckpointManager:
-    folder = os.path.join(os.path.abspath(directory), "checkpoints")
-    if not os.path.isdir(folder):
+    folder = os.path.join(os.path.abspath(directory), runfolder.CHECKPOINTS)
+    if not runfolder.checkpoint_steps(directory):
         raise ConfigError(f"{directory!r} holds no checkpoint; pass a run folder (checkpoint_dir)")
-    return ocp.CheckpointManager(folder)
+    with _quiet_orbax():  # it says that a read-only manager saves nothing
+        return ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(read_only=True))
 
 
-def check_same_model(directory: str, params: Any) -> None:
-    """Refuses a model whose parameter tree (one learner's) is not the run folder's."""
-    path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        saved = json.load(f).get("fingerprint_model")
-    now = fingerprint(params)
-    if saved is not None and saved != now:
-        raise ConfigError(
-            f"the model differs from the one {directory!r} was trained with "
-            f"({describe_difference(saved, now)}); pass the run's model"
-        )
+def newest_intact(directory: str) -> tuple[int, dict[str, Any], list[tuple[int, str]]]:
+    """The newest checkpoint whose files match their digest and whose record reads, that
+    record, and the newer ones that failed (step, what is wrong).
+
+    Raises:
+        CheckpointError: no checkpoint is intact (naming what is wrong with each).
+    """
+    good, damaged = runfolder.intact_steps(directory)
+    with _manager(directory) as manager, _quiet_orbax():
+        for step in good:
+            try:
+                out = manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))
+                return step, dict(out["record"]), sorted(damaged, reverse=True)
+            except Exception as e:  # a folder without digests, as older versions wrote
+                damaged.append((step, f"its record cannot be read: {_cause(e)}"))
+    problems = "; ".join(f"step {step}: {why}" for step, why in sorted(damaged, reverse=True))
+    raise runfolder.CheckpointError(
+        f"no intact checkpoint in {directory} ({problems}); start anew with overwrite=True "
+        "(--overwrite) or use another folder"
+    )
+
+
+def _cause(error: BaseException) -> str:
+    """An exception in a few words: an OS error's reason, else its first line."""
+    while error.__cause__ is not None and not isinstance(error, OSError):
+        error = error.__cause__
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) < 300 else text[:297] + "..."
 
 
 @contextlib.contextmanager
@@ -253,26 +326,29 @@ def _quiet_orbax():
 
 
 def read_record(directory: str) -> dict[str, Any]:
-    """The JSON record of a run folder's latest checkpoint (step, history, run summary)."""
-    with _manager(directory) as manager, _quiet_orbax():
-        step = _latest(manager, directory)
-        out = manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))
-    return dict(out["record"])
+    """The JSON record of a run folder's newest intact checkpoint (step, history, run
+    summary); a damaged newer one is reported in one line and skipped."""
+    step, record, damaged = newest_intact(directory)
+    for bad, problem in damaged:
+        runfolder.report(f"skipped the checkpoint of step {bad} in {directory}: damaged "
+                         f"({problem}); read step {step}")  # fmt: skip
+    return record
 
 
-def read_central(directory: str, like: Any = None) -> tuple[dict[str, Any], Any]:
-    """The latest checkpoint's JSON record and central model, without the training state.
+def read_central(directory: str, like: Any = None, step: int | None = None) -> Any:
+    """A checkpoint's central model `(params, model state)`, without the training state.
 
     Args:
         directory: a run folder (`checkpoint_dir`).
         like: the central model's `(params, model state)` to restore into
             (arrays or shape structs); None: as saved (nested dicts and lists).
+        step: the checkpoint (`read_record(directory)["step"]`); None: the newest intact.
 
     Raises:
         ConfigError: no checkpoint in the folder, or one without a central model.
     """
+    step = newest_intact(directory)[0] if step is None else step
     with _manager(directory) as manager, _quiet_orbax():
-        step = _latest(manager, directory)
         if "central" not in manager.item_metadata(step):
             raise ConfigError(
                 f"the checkpoint of step {step} in {directory!r} has no central model (written "
@@ -280,10 +356,5 @@ def read_central(directory: str, like: Any = None) -> tuple[dict[str, Any], Any]
             )
         if like is not None:
             like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), like)
-        out = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                central=ocp.args.StandardRestore(like), record=ocp.args.JsonRestore()
-            ),
-        )
-    return dict(out["record"]), out["central"]
+        out = manager.restore(step, args=ocp.args.Composite(central=ocp.args.StandardRestore(like)))
+    return out["central"]

@@ -204,6 +204,10 @@ class TrainConfig:
         "step count carry over, and every learner restarts from the central model",
         _R, identity=False,
     )  # fmt: skip
+    overwrite: bool = option(
+        False, "start a new run in a run folder that holds another run, whose checkpoints "
+        "and files are removed once the new run has passed its checks", _R, identity=False,
+    )  # fmt: skip
     progress: bool = option(True, "a progress bar on stderr", _E, identity=False)
     tune_mode: str = option(
         "online",
@@ -274,6 +278,9 @@ class TrainConfig:
             raise ConfigError(f"warmup_epochs={self.warmup_epochs} must be in [0, epochs)")
         if self.elastic and not self.resume:
             raise ConfigError("elastic=True changes how a run resumes; it needs resume=True")
+        if self.overwrite and (self.resume or not self.checkpoint_dir):
+            raise ConfigError("overwrite=True replaces the run in checkpoint_dir with a new "
+                              "one; it needs checkpoint_dir and cannot go with resume=True")
         if self.resume and not self.checkpoint_dir:
             raise ConfigError("resume=True needs checkpoint_dir (the folder of the run to resume)")
         if self.reset_at_drops and (self.algorithm not in SMA_FAMILY or not self.lr_milestones):

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from crossbow_jax.engine import mapping
+from crossbow_jax.engine import mapping, runfolder
 from crossbow_jax.engine.config import TrainConfig
 from crossbow_jax.engine.plan import Chunk, Clock
 from crossbow_jax.engine.progress import progress
@@ -165,8 +165,9 @@ class History:
         if np.all(np.isfinite(loss)):
             return
         bad = chunk.start + int(np.argmin(np.isfinite(loss))) + 1
-        folder = self.checkpoint_dir
-        where = f"; the last good checkpoint is in {folder}" if folder else ""
+        saved = runfolder.checkpoint_steps(self.checkpoint_dir) if self.checkpoint_dir else []
+        where = f"; the last good checkpoint (step {saved[-1]}) is in {self.checkpoint_dir}" if (
+            saved) else ""  # fmt: skip
         raise TrainingDiverged(
             f"loss became {loss[~np.isfinite(loss)][0]} at step {bad} (epoch "
             f"{self.clock.epochs(bad):.2f}){where}; lower the learning rate or alpha"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import signal
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
@@ -17,7 +18,7 @@ from typing import Any, NamedTuple, Protocol
 import jax
 import numpy as np
 
-from crossbow_jax.engine import mapping, traffic
+from crossbow_jax.engine import identity, mapping, preemption, traffic
 from crossbow_jax.engine.checkpoint import Checkpointer
 from crossbow_jax.engine.checks import check_run
 from crossbow_jax.engine.config import TrainConfig
@@ -88,6 +89,7 @@ def fit(
     tuning: dict[str, Any] | None = None,
     started: float | None = None,
     tuner: OnlineTuner | None = None,
+    signals: preemption.Signals | None = None,
 ) -> TrainResult:
     """Trains `learners_per_device` learners on every device of `mesh`; the engine's loop.
 
@@ -109,9 +111,16 @@ def fit(
         started: `time.perf_counter()` when the run started (default: now).
         tuner: chooses m while training (`OnlineTuner`): the run starts with
             `tuner.first()` learners and changes layout between real steps.
+        signals: the run's SIGTERM/SIGINT watch (`preemption.Signals`, entered);
+            None: one is installed for the loop.
 
     Returns:
         A `TrainResult`.
+
+    Raises:
+        RunInterrupted: SIGTERM or SIGINT came; the step reached is saved (with a
+            run folder).
+        CheckpointError: a checkpoint could not be written (naming the cause).
     """
     started = time.perf_counter() if started is None else started
     compiled_before = 0.0  # compile seconds of the layouts before the current one
@@ -125,20 +134,24 @@ def fit(
         m = tuner.first() if tuner else learners_per_device
         if tuner and record and not config.elastic:  # the tuner goes on where it was
             m = tuner.replay(record["run"]["tuning"]) if record["run"].get("tuning") else saved_m
-        test = TestData(data, mesh) if data.has_test else None
         start = _position(record, data, mesh, config, saved_m)
-        setup = prepare(config, model, optimizer, data, mesh, m, task, start)
+        setup = prepare(config, model, optimizer, data, mesh, m, task, start)  # checks memory
+        test = TestData(data, mesh) if data.has_test else None
         closing.callback(lambda: setup.train_data.close())
         state = setup.compiler.init_state(config.seed, data.example)
         rows, before = [], 0.0
         if checkpointer:
             layout = {"devices": mesh.size, "learners_per_device": "auto" if tuner else m}
+            learner = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape[2:], p.dtype),
+                                   state.params)  # one learner's parameters  # fmt: skip
             checkpointer.check_and_record(
                 unchecked=("layout",) if config.elastic else (),
                 layout=layout,
-                model=jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape[2:], p.dtype),
-                                   state.params),  # per learner
+                model=learner,
                 optimizer=_optimizer_shapes(state),
+                data=identity.data_fingerprint(data),
+                behaviour=identity.DEFAULT if optimizer is None else (
+                    identity.optimizer_behaviour(optimizer, learner)),
             )  # fmt: skip
         if record:
             state = _restored(checkpointer, setup, state, record, config, mesh, saved_m, m)
@@ -195,6 +208,8 @@ def fit(
             checkpointer.save(step, state, record, central)
             timer.saved()
 
+        interrupt = _Stop(signals or closing.enter_context(preemption.Signals()), save,
+                          checkpointer)  # fmt: skip
         stage, first_sample = _compile(setup, state, test), 0
         while True:
             end = run_end(setup.clock, config.epochs)
@@ -204,7 +219,8 @@ def fit(
                                start=position.step, stop=stop)  # fmt: skip
             first_sample = len(history.samples)
             history.learners = m if tuner else None  # rows say which setting ran them
-            state, reached = _run(stage, plan, state, test, history, timer, save, checkpointer)
+            state, reached = _run(stage, plan, state, test, history, timer,
+                                  save if checkpointer else None, interrupt)  # fmt: skip
             position = setup.clock.position(plan[-1].end) if plan else position
             if reached or position.step >= end or not (tuner and tuner.deciding):
                 break
@@ -293,11 +309,16 @@ class _Programs(dict):
         return program
 
 
-def _run(stage: _Stage, plan, state, test, history: History, timer, save, checkpointer):
-    """Runs the chunks of `plan`; returns (state, whether the target accuracy was reached)."""
+def _run(stage: _Stage, plan, state, test, history: History, timer, save, interrupt):
+    """Runs the chunks of `plan`; returns (state, whether the target accuracy was reached).
+
+    `interrupt(step, state)` saves and raises `RunInterrupted` when a signal came (here: before
+    the first dispatch, after compiling; then after every dispatch)."""
     setup = stage.setup
     for length in sorted({chunk.length for chunk in plan}):  # compile before the clock runs
         stage.dispatch[length]
+    if plan and preemption.poll(interrupt.signals, False)[0]:
+        interrupt(plan[0].start, state)
     pending, epoch = None, None
     history.restart_clock()
     for chunk in plan:
@@ -307,20 +328,22 @@ def _run(stage: _Stage, plan, state, test, history: History, timer, save, checkp
         called_at = time.perf_counter()
         state, metrics = stage.dispatch[chunk.length](state, *setup.train_data.args(chunk))
         current = history.dispatched(chunk, metrics, called_at)
-        due = timer.due()  # a timed checkpoint
-        if not (chunk.evaluate or chunk.checkpoint or due or chunk is plan[-1]):
+        signum, due = preemption.poll(interrupt.signals, timer.due())  # the same in every process
+        if not (chunk.evaluate or chunk.checkpoint or due or signum or chunk is plan[-1]):
             if pending:  # the previous dispatch, read one late
                 history.add_dispatches([pending], next_one=current)
             pending = current
             continue
-        evaluate_now = chunk.evaluate and test is not None
+        evaluate_now = chunk.evaluate and test is not None and not signum
         history.add_dispatches([pending, current] if pending else [current],
                                evaluation_follows=evaluate_now)  # fmt: skip
         pending = None
+        if signum:
+            interrupt(chunk.end, state)
         reached = False
         if evaluate_now:
             reached = history.add_evaluation(evaluate_central(stage.evaluate, state, test))
-        if checkpointer and (chunk.checkpoint or due or reached):
+        if save and (chunk.checkpoint or due or reached):
             save(chunk.end, state)
         if reached:
             return state, True
@@ -328,25 +351,32 @@ def _run(stage: _Stage, plan, state, test, history: History, timer, save, checkp
     return state, False
 
 
+class _Stop:
+    """What `_run` calls when a signal came: save the step (once), raise `RunInterrupted`."""
+
+    def __init__(self, signals: preemption.Signals, save, checkpointer: Checkpointer | None):
+        self.signals, self.save, self.checkpointer = signals, save, checkpointer
+
+    def __call__(self, step: int, state) -> None:
+        folder = self.checkpointer.directory if self.checkpointer else None
+        if self.checkpointer and self.checkpointer.latest_step() != step:
+            self.save(step, state)
+        raise preemption.RunInterrupted(self.signals.received or signal.SIGTERM, step, folder)
+
+
 class CheckpointTimer:
     """When a timed checkpoint is due: `minutes` after the last one (0: never).
 
-    With several processes, process 0's clock decides for all (one small
-    broadcast per dispatch), so that every process saves at the same step.
+    With several processes, a checkpoint is due when any process's clock says so
+    (`preemption.poll`), so that every process saves at the same step.
     """
 
     def __init__(self, minutes: float):
         self.seconds, self.last = minutes * 60, time.monotonic()
 
     def due(self) -> bool:
-        if not self.seconds:
-            return False
-        due = time.monotonic() - self.last >= self.seconds
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            due = bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))
-        return due
+        """This process's clock; `preemption.poll` makes every process agree."""
+        return bool(self.seconds) and time.monotonic() - self.last >= self.seconds
 
     def saved(self) -> None:
         self.last = time.monotonic()

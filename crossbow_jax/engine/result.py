@@ -11,7 +11,8 @@ import jax
 import numpy as np
 
 from crossbow_jax.data.preprocess import Preprocess
-from crossbow_jax.engine.checkpoint import check_same_model, read_central, read_record
+from crossbow_jax.engine.checkpoint import read_central, read_record
+from crossbow_jax.engine.identity import check_same_model
 from crossbow_jax.engine.config import ConfigError, TrainConfig
 from crossbow_jax.engine.inputs import Arrays, as_model_layout, resolve_model
 from crossbow_jax.models.adapters import Model
@@ -199,7 +200,7 @@ def load_run(folder: str | os.PathLike, model: Any = None) -> TrainResult:
         else:
             like = jax.eval_shape(adapter.init, jax.random.PRNGKey(0), pre(example, None))
         check_same_model(folder, like[0])
-    _, central = read_central(folder, like)
+    central = read_central(folder, like, record["step"])
     rows = record["history"]
     tested = [r for r in rows if "test_loss" in r]
     return TrainResult(

@@ -23,7 +23,7 @@ import numpy as np
 
 from crossbow_jax.engine import config as config_mod
 from crossbow_jax.engine import options
-from crossbow_jax.engine.checkpoint import fingerprint
+from crossbow_jax.engine.identity import fingerprint
 from crossbow_jax.engine.config import ConfigError, TrainConfig
 from crossbow_jax.tuning.measure import MEMORY, OK, OOM, run_trial
 
@@ -122,10 +122,13 @@ def _share(obj: Any) -> Any:
 
 def _trial(measure, cfg, model, optimizer, data, mesh, learners, task) -> dict[str, Any]:
     """One candidate's row; a candidate that raises (it does not compile, or im2col cannot
-    rewrite the model) is a failed row: the others may still run."""
+    rewrite the model) is a failed row: the others may still run. A `ConfigError` is the
+    request's, refused alike for every candidate before any work (`prepare`): raised."""
     try:
         t = measure(cfg, model, optimizer, data, mesh, learners, task)
         ips, compile_s, status, error = t.images_per_second, t.compile_seconds, t.status, t.error
+    except ConfigError:
+        raise
     except Exception as e:  # noqa: BLE001 -- in the row; raised if every candidate fails
         lines = str(e).strip().splitlines()
         ips, compile_s, status = None, None, ERROR

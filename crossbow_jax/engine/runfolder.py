@@ -1,0 +1,238 @@
+"""The run folder as a whole: one run at a time (a lock), checkpoints that prove
+they are intact (digests), and a clean start over an older run (overwrite).
+
+A run folder holds `config.json` (what a resumed run must share),
+`checkpoints/<step>/` (orbax), `digests/<step>.json` (a SHA-256 of every
+file of that checkpoint, written once orbax has committed it), and `.lock`
+while a run holds the folder. A checkpoint without its digest was cut off
+between orbax's commit and the digest (or written by crossbow_jax before
+digests), and one whose files no longer match is damaged: resume and
+`load_run` skip both for the newest intact step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+
+from crossbow_jax.engine.config import ConfigError
+
+LOCK_FILE = ".lock"
+DIGESTS = "digests"
+DAMAGED = "damaged"
+CHECKPOINTS = "checkpoints"
+CONFIG_FILE = "config.json"
+RUN_FILES = (CONFIG_FILE, "result.json", "history.json", "tuning.json")
+"""Files a run writes at the folder's top level (removed, with its checkpoints, by overwrite)."""
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint could not be written or read back intact (one line: the folder, the
+    step and the cause). A `ConfigError`: the command prints it as one `error:` line."""
+
+
+def checkpoint_steps(folder: str) -> list[int]:
+    """The committed orbax steps in a run folder, oldest first (temporary folders left out)."""
+    path = os.path.join(folder, CHECKPOINTS)
+    if not os.path.isdir(path):
+        return []
+    return sorted(int(name) for name in os.listdir(path) if name.isdigit())
+
+
+def holds_a_run(folder: str) -> bool:
+    """Whether `folder` holds another run's checkpoints (committed or half written)."""
+    path = os.path.join(folder, CHECKPOINTS)
+    return os.path.isdir(path) and any(
+        name.isdigit() or ".orbax-checkpoint-tmp" in name for name in os.listdir(path)
+    )
+
+
+def clear(folder: str) -> None:
+    """Removes an older run from `folder`: its checkpoints first, then its files (a folder
+    that is cut off half way holds no checkpoint, so it is never resumed as a mix)."""
+    for name in (CHECKPOINTS, DIGESTS, DAMAGED):
+        if os.path.isdir(os.path.join(folder, name)):
+            shutil.rmtree(os.path.join(folder, name))
+    for name in RUN_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, name))
+
+
+# --- the lock -------------------------------------------------------------------------
+
+
+_HELD: dict[str, list] = {}  # folder -> [file descriptor, holds] of this process's locks
+
+
+class RunLock:
+    """An advisory lock on a run folder, held while a run uses it (a context manager).
+
+    `flock` on `<folder>/.lock` (opened without following a symlink), which the
+    kernel releases when the holder dies: a lock left by a dead process is
+    taken over. The file names the holder (host, pid, start time) for the
+    message another process gets. Re-entrant within a process (the command
+    holds the folder around `train`, which holds it too).
+
+    Raises:
+        ConfigError: another live process holds the folder (naming it).
+    """
+
+    def __init__(self, folder: str):
+        self.folder = os.path.realpath(folder)
+        self.path = path = os.path.join(self.folder, LOCK_FILE)
+        if self.folder in _HELD:
+            _HELD[self.folder][1] += 1
+            return
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644))
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # nothing held open
+            # for writing: a file system with such a file cannot be remounted read-only
+        except OSError as e:
+            why = "it is a symbolic link" if e.errno == errno.ELOOP else e.strerror
+            raise ConfigError(f"cannot lock {folder!r}: {path} cannot be opened ({why})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "holder unknown"
+            os.close(fd)
+            raise ConfigError(
+                f"{folder!r} is in use by another run ({holder}); wait for it to end, or use "
+                "another folder"
+            ) from None
+        since = time.strftime("%Y-%m-%d %H:%M:%S")
+        self._write(f"pid {os.getpid()} on {socket.gethostname()}, since {since}")  # a dead
+        _HELD[self.folder] = [fd, 1]  # holder's line goes: its lock went with it
+
+    def _write(self, holder: str) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.write(fd, holder.encode())
+        finally:
+            os.close(fd)
+
+    def release(self) -> None:
+        """Lets the folder go (the file stays: removing it would race with a new holder)."""
+        held = _HELD.get(self.folder)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            del _HELD[self.folder]
+            with contextlib.suppress(OSError):  # a folder gone read-only keeps the line
+                self._write("")
+            os.close(held[0])  # releases the flock
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# --- digests ----------------------------------------------------------------------------
+
+
+def _files(step_folder: str) -> dict[str, str]:
+    """Every file under a checkpoint's folder: relative path -> "size:sha256"."""
+    out = {}
+    for root, dirs, names in os.walk(step_folder):
+        dirs.sort()
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            out[os.path.relpath(path, step_folder)] = (
+                f"{os.path.getsize(path)}:{digest.hexdigest()}"
+            )
+    return out
+
+
+def write_digest(folder: str, step: int) -> None:
+    """Records the digest of a committed checkpoint (atomically), and drops the digests of
+    checkpoints orbax has since removed."""
+    digests = os.path.join(folder, DIGESTS)
+    os.makedirs(digests, exist_ok=True)
+    files = _files(os.path.join(folder, CHECKPOINTS, str(step)))
+    path = os.path.join(digests, f"{step}.json")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"step": step, "files": files}, f, indent=0, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    kept = {str(s) for s in checkpoint_steps(folder)}
+    for name in os.listdir(digests):
+        if name.endswith(".json") and name[:-5] not in kept:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(digests, name))
+
+
+def damage(folder: str, step: int) -> str | None:
+    """What is wrong with a checkpoint's files against its digest, or None when intact."""
+    path = os.path.join(folder, DIGESTS, f"{step}.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)["files"]
+    except FileNotFoundError:
+        return "it has no digest (cut off before it was complete)"
+    except (ValueError, KeyError):
+        return f"its digest {path} is unreadable"
+    try:
+        now = _files(os.path.join(folder, CHECKPOINTS, str(step)))
+    except OSError as e:
+        return f"its files cannot be read ({e.strerror})"
+    missing = sorted(set(saved) - set(now))
+    if missing:
+        return f"{missing[0]} is missing" + (
+            f" (and {len(missing) - 1} more)" if missing[1:] else ""
+        )
+    changed = sorted(k for k in saved if saved[k] != now[k])
+    if changed:
+        return f"{changed[0]} has changed since it was written" + (
+            f" (and {len(changed) - 1} more)" if changed[1:] else ""
+        )
+    return None
+
+
+def intact_steps(folder: str) -> tuple[list[int], list[tuple[int, str]]]:
+    """The checkpoints to read, newest first, and the damaged ones with what is wrong.
+
+    A folder without any digest (written before crossbow_jax kept them) is
+    taken as it is. Otherwise a step is intact when its files match its digest.
+    """
+    steps = checkpoint_steps(folder)[::-1]
+    digests = os.path.join(folder, DIGESTS)
+    if not (os.path.isdir(digests) and any(n.endswith(".json") for n in os.listdir(digests))):
+        return steps, []
+    good, bad = [], []
+    for step in steps:
+        problem = damage(folder, step)
+        (bad.append((step, problem)) if problem else good.append(step))
+    return good, bad
+
+
+def set_aside(folder: str, step: int) -> str:
+    """Moves a damaged checkpoint out of orbax's way (into `damaged/`); returns where."""
+    target = os.path.join(folder, DAMAGED, str(step))
+    if os.path.exists(target):
+        shutil.rmtree(target)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.replace(os.path.join(folder, CHECKPOINTS, str(step)), target)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(folder, DIGESTS, f"{step}.json"))
+    return target
+
+
+def report(line: str) -> None:
+    """One line on stderr (process 0's): what the run folder did on its own."""
+    print(f"crossbow_jax: {line}", file=sys.stderr, flush=True)
