@@ -98,12 +98,15 @@ def train(
     checkpointer = Checkpointer(config.checkpoint_dir, config) if config.checkpoint_dir else None
     with checkpointer or contextlib.nullcontext(), preemption.Signals() as signals:
         module, data, mesh = resolve(config, model, train, test, data_dir=data_dir, augment=augment)
+        folder = checkpointer.directory if checkpointer else None
+        resumed = checkpointer.latest_step() if checkpointer and config.resume else None
+        preemption.stop_if_signalled(signals, resumed, folder)  # (and after each phase below)
         task = check_run(config, module, optimizer, data, loss_fn=loss_fn, metrics_fn=metrics_fn)
         started = time.perf_counter()
         name = model if isinstance(model, str) else module.name
         m, tuning, tuner = config.learners_per_device, None, None
         log = print if config.progress and jax.process_index() == 0 else None
-        resuming = bool(checkpointer and config.resume and checkpointer.latest_step() is not None)
+        resuming = resumed is not None
         if resuming and not config.elastic:  # the run goes on as it was measured and tuned
             saved = checkpointer.latest_record()["run"]
             if config.execution == "auto":
@@ -113,6 +116,7 @@ def train(
         config, executions = auto_execution(  # "auto": measured here, or read from the cache
             config, module, optimizer, data, mesh, task, log=log
         )
+        preemption.stop_if_signalled(signals, resumed, folder)
         if m == "auto" and config.tune_mode == "online":
             device = mesh.devices.flat[0]
             tuner = OnlineTuner(
@@ -124,6 +128,7 @@ def train(
             tuning = choose_learners(config, module, optimizer, data, mesh, task, name=name,
                                      reuse=resuming and not config.elastic)  # fmt: skip
             m = tuning["chosen"]
+            preemption.stop_if_signalled(signals, resumed, folder)
         result = fit(
             config,
             module,

@@ -10,6 +10,7 @@ may remount (the test starts it under `unshare --user --mount`).
 """
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -54,6 +55,7 @@ def _injector(fault: str, folder: str):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if the parent ignores it
     fault, folder, more = sys.argv[1], sys.argv[2], sys.argv[3:]
     real = crossbow_jax.train
 

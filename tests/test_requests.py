@@ -65,6 +65,15 @@ def test_a_plan_of_too_many_dispatches_is_refused(no_work):
         crossbow_jax.train(MLP(), TRAIN, TEST, **{**RUN, "epochs": 1e6, "steps_per_dispatch": 1})
 
 
+def test_a_plan_cut_at_every_epoch_end_counts_its_epochs(no_work):
+    # one step per epoch: long dispatches do not help, every epoch end is a cut
+    one_step = (TRAIN[0][:32], TRAIN[1][:32])
+    with pytest.raises(ConfigError, match=r"^epochs=2e\+07 is 20000000 steps in 20000000 "
+                                          r"dispatches of at most 1024 steps"):  # fmt: skip
+        crossbow_jax.train(MLP(), one_step, TEST,
+                           **{**RUN, "epochs": 2e7, "steps_per_dispatch": 1024})  # fmt: skip
+
+
 class Huge(nn.Module):
     """An MLP of 2**36 hidden units: 3.5 TB of float32 parameters (only ever abstract here)."""
 

@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Other exceptions propagate with their traceback.
     """
     from crossbow_jax.data import DatasetError
-    from crossbow_jax.engine import ConfigError, RunInterrupted, TrainingDiverged
+    from crossbow_jax.engine import CheckpointError, ConfigError, RunInterrupted, TrainingDiverged
 
     try:
         modules = _command_modules()
@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"error: training diverged: {_one_line(e)}", file=sys.stderr)
         return 1
-    except (ConfigError, DatasetError, ValueError) as e:
+    except (ConfigError, CheckpointError, DatasetError, ValueError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import os
 from typing import Any
 
 from crossbow_jax.cli import _common
 from crossbow_jax.engine import distributed
 from crossbow_jax.engine.config import check_writable
-from crossbow_jax.engine.runfolder import RunLock
+from crossbow_jax.engine import runfolder
 
 EXAMPLES = """\
 examples:
@@ -60,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     import crossbow_jax
 
     folder = config.checkpoint_dir if main_process else None
-    with RunLock(folder) if folder else contextlib.nullcontext():  # until result.json is out
+    with runfolder.RunLock(folder) if folder else contextlib.nullcontext():  # until result.json is out
         result = crossbow_jax.train(
             model, **_common.data_arguments(args), **dataclasses.asdict(config)
         )
@@ -94,12 +93,6 @@ def summary(result, **extra: Any) -> dict[str, Any]:
     return out
 
 
-def _write_json(path: str, value: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1, default=_plain)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _plain(value: Any) -> Any:
@@ -108,8 +101,8 @@ def _plain(value: Any) -> Any:
 
 def write_run_files(folder: str, result, **extra: Any) -> None:
     """Writes `history.json` and `result.json` into the run folder."""
-    _write_json(os.path.join(folder, HISTORY_FILE), result.history)
-    _write_json(os.path.join(folder, RESULT_FILE), summary(result, **extra))
+    runfolder.write_json(os.path.join(folder, HISTORY_FILE), result.history, default=_plain)
+    runfolder.write_json(os.path.join(folder, RESULT_FILE), summary(result, **extra), default=_plain)
 
 
 def _bytes(n: float) -> str:

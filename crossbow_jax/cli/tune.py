@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 
 from crossbow_jax.cli import _common
-from crossbow_jax.engine import distributed
+from crossbow_jax.engine import distributed, runfolder
 from crossbow_jax.tuning import tuner
 
 EXAMPLES = """\
@@ -64,16 +65,18 @@ def run(args: argparse.Namespace) -> int:
             "resume", "overwrite", "progress"}  # fmt: skip
     fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
     data = _common.data_arguments(args)
-    tuner.tune(
-        model,
-        data["train"],
-        data_dir=data["data_dir"],
-        augment=data["augment"],
-        log=(lambda line: print(line, flush=True)) if main_process else None,
-        json_path=json_path if main_process else None,
-        plot_path=args.plot if main_process else None,
-        **fields,
-    )
+    locked = folder and main_process  # a training run there keeps its tuning.json
+    with runfolder.RunLock(folder) if locked else contextlib.nullcontext():
+        tuner.tune(
+            model,
+            data["train"],
+            data_dir=data["data_dir"],
+            augment=data["augment"],
+            log=(lambda line: print(line, flush=True)) if main_process else None,
+            json_path=json_path if main_process else None,
+            plot_path=args.plot if main_process else None,
+            **fields,
+        )
     if main_process:
         for what, path in (("curve", json_path), ("plot", args.plot)):
             if path:

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from crossbow_jax.engine import identity, runfolder
+from crossbow_jax.engine import distributed, identity, runfolder
 from crossbow_jax.engine.config import ELASTIC_FIELDS, ConfigError, TrainConfig, check_writable
 
 CONFIG_FILE = runfolder.CONFIG_FILE
@@ -43,21 +43,34 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str, config: TrainConfig, keep: int = 2):
-        self.directory = os.path.abspath(directory)
-        check_writable(self.directory)
-        self._lock = runfolder.RunLock(self.directory) if jax.process_index() == 0 else None
-        try:
-            self.overwrite = config.overwrite and runfolder.holds_a_run(self.directory)
-            self.identity = config.identity()
-            self.saved = self._check_identity(config)
-            self.step, self._record = self._choose_step() if self.saved else (None, None)
+        self.directory, self._keep = os.path.abspath(directory), keep
+        self._lock = self._manager = None
+        self._pending = self._damaged = None  # what the first save commits
+        try:  # every process's checks, then all go on or none (`distributed.agree`)
+            distributed.agree(lambda: self._open_folder(config), f"opening {self.directory}")
+            if self.saved and jax.process_count() > 1:  # process 0's choice for all
+                self.step = int(distributed.gather([self.step or 0])[0, 0])
+                self._record = self._record or record_at(self.directory, self.step)
         except BaseException:
             self.close()
             raise
-        self._manager = self._open(keep)
+
+    def _open_folder(self, config: TrainConfig) -> None:
+        check_writable(self.directory)
+        if jax.process_index() == 0:
+            self._lock = runfolder.RunLock(self.directory)
+        self.overwrite = config.overwrite and runfolder.holds_a_run(self.directory)
+        self.identity = config.identity()
+        self.saved = self._check_identity(config)
+        self.step, self._record = self._choose_step() if self.saved else (None, None)
+        try:
+            self._manager = self._open(self._keep)
+        except Exception as e:
+            raise runfolder.CheckpointError(
+                f"cannot open the checkpoints in {self.directory} ({_cause(e)}); use another folder"
+            ) from e
 
     def _open(self, keep: int) -> ocp.CheckpointManager:
-        self._keep = keep
         return ocp.CheckpointManager(
             os.path.join(self.directory, runfolder.CHECKPOINTS),
             options=ocp.CheckpointManagerOptions(
@@ -103,20 +116,19 @@ class Checkpointer:
             )
         return saved
 
-    def _choose_step(self) -> tuple[int, dict[str, Any]]:
-        """The newest intact checkpoint and its record; damaged newer ones are set aside."""
+    def _choose_step(self) -> tuple[int | None, dict[str, Any] | None]:
+        """The newest intact checkpoint and its record (process 0 chooses; the others
+        learn its choice once every process has opened the folder). Damaged newer ones
+        are reported now and set aside by the first save, once the run passed its checks."""
+        if jax.process_index() != 0:
+            return None, None
         step, record, damaged = newest_intact(self.directory)
         for bad, problem in damaged:
-            if jax.process_index() == 0:
-                where = runfolder.set_aside(self.directory, bad)
-                runfolder.report(
-                    f"the checkpoint of step {bad} in {self.directory} is damaged ({problem}); "
-                    f"resuming from step {step}, the newest intact one (moved it to {where})"
-                )
-        if damaged and jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("crossbow_jax: damaged checkpoints set aside")
+            runfolder.report(
+                f"the checkpoint of step {bad} in {self.directory} is damaged ({problem}); "
+                f"resuming from step {step}, the newest intact one"
+            )
+        self._damaged = [bad for bad, _ in damaged]
         return step, record
 
     def check_and_record(
@@ -163,21 +175,26 @@ class Checkpointer:
                 if why:
                     self._refuse(why)
             record[key] = now
-        if self.overwrite:  # the new run passed its checks: the old one goes now
-            self._manager.close()
-            if jax.process_index() == 0:
-                runfolder.clear(self.directory)
-            if jax.process_count() > 1:
-                from jax.experimental import multihost_utils
+        self._pending = record  # written by the first save: a run that fails before
+        # writing anything leaves the folder as it was (an overwritten run included)
 
-                multihost_utils.sync_global_devices("crossbow_jax: run folder cleared")
-            self._manager, self.overwrite = self._open(self._keep), False
-        if jax.process_index() == 0:  # atomic: other processes may be reading it
-            path = os.path.join(self.directory, CONFIG_FILE)
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(record, f, indent=1, sort_keys=True)
-            os.replace(tmp, path)
+    def _commit(self) -> None:
+        """Before the first save: the older run goes (overwrite), damaged checkpoints are
+        set aside, and `config.json` is written (atomically: others may be reading it)."""
+        if self.overwrite:
+            self._manager.close()
+        if jax.process_index() == 0:
+            if self.overwrite:
+                runfolder.clear(self.directory)
+            for bad in self._damaged or ():
+                where = runfolder.set_aside(self.directory, bad)
+                runfolder.report(f"moved the damaged checkpoint of step {bad} to {where}")
+            runfolder.write_json(os.path.join(self.directory, CONFIG_FILE), self._pending)
+        distributed.agree(lambda: None, "clearing the run folder")  # a barrier
+        if self.overwrite or self._damaged:
+            self._manager.close()
+            self._manager = self._open(self._keep)
+        self.overwrite, self._damaged, self._pending = False, None, None
 
     def _refuse(self, why: str) -> None:
         raise ConfigError(
@@ -201,13 +218,24 @@ class Checkpointer:
         if central is not None:
             items["central"] = ocp.args.StandardSave(central)
         where = f"the checkpoint of step {step} in {self.directory}"
-        try:
+
+        def write() -> bool:
+            if self._pending is not None:
+                self._commit()
             done = self._manager.save(step, args=ocp.args.Composite(**items))
-            self._manager.wait_until_finished()
             if done and jax.process_index() == 0:
                 runfolder.write_digest(self.directory, step)
+            return done
+
+        try:
+            done = distributed.agree(write, f"writing {where}")
+        except ConfigError:
+            raise
         except Exception as e:
-            raise runfolder.CheckpointError(f"could not write {where}: {_cause(e)}") from e
+            raise runfolder.CheckpointError(
+                f"could not write {where}: {_cause(e)}; make room or make it writable, then "
+                "resume=True (--resume) goes on from the checkpoint before"
+            ) from e
         if not done:
             raise runfolder.CheckpointError(
                 f"orbax declined to write {where}: the folder already holds step "
@@ -281,6 +309,13 @@ def _manager(directory: str) -> ocp.CheckpointManager:
         return ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(read_only=True))
 
 
+def record_at(directory: str, step: int) -> dict[str, Any]:
+    """The JSON record of the checkpoint of `step`."""
+    with _manager(directory) as manager, _quiet_orbax():
+        out = manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))
+    return dict(out["record"])
+
+
 def newest_intact(directory: str) -> tuple[int, dict[str, Any], list[tuple[int, str]]]:
     """The newest checkpoint whose files match their digest and whose record reads, that
     record, and the newer ones that failed (step, what is wrong).
@@ -288,15 +323,17 @@ def newest_intact(directory: str) -> tuple[int, dict[str, Any], list[tuple[int, 
     Raises:
         CheckpointError: no checkpoint is intact (naming what is wrong with each).
     """
-    good, damaged = runfolder.intact_steps(directory)
-    with _manager(directory) as manager, _quiet_orbax():
-        for step in good:
+    damaged = []
+    for step, problem in runfolder.verified(directory):  # newest first, until one is intact
+        if problem is None:
             try:
-                out = manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))
-                return step, dict(out["record"]), sorted(damaged, reverse=True)
-            except Exception as e:  # a folder without digests, as older versions wrote
-                damaged.append((step, f"its record cannot be read: {_cause(e)}"))
-    problems = "; ".join(f"step {step}: {why}" for step, why in sorted(damaged, reverse=True))
+                return step, record_at(directory, step), damaged
+            except Exception as e:  # noqa: BLE001 -- a folder without digests, as older
+                problem = f"its record cannot be read: {_cause(e)}"  # versions wrote
+        damaged.append((step, problem))
+    if not damaged:
+        raise ConfigError(f"{directory!r} holds no checkpoint; pass a run folder (checkpoint_dir)")
+    problems = "; ".join(f"step {step}: {why}" for step, why in damaged)
     raise runfolder.CheckpointError(
         f"no intact checkpoint in {directory} ({problems}); start anew with overwrite=True "
         "(--overwrite) or use another folder"

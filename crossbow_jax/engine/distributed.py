@@ -26,6 +26,7 @@ import os
 from collections.abc import Mapping
 
 import jax
+import numpy as np
 
 from crossbow_jax.engine.config import ConfigError
 
@@ -156,3 +157,29 @@ def initialize(
 def is_main_process() -> bool:
     """True in process 0, the one that prints results and writes result files."""
     return jax.process_index() == 0
+
+
+def gather(values: list[int]) -> np.ndarray:
+    """`values` of every process, (processes, len(values)) (this process's alone when one)."""
+    mine = np.asarray(values, np.int64)
+    if jax.process_count() == 1:
+        return mine[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
+
+
+def agree(work, what: str):
+    """Runs `work()` in every process and lets none go on unless all succeeded: a process
+    whose own part failed raises its error; the others raise one naming that process
+    (instead of waiting for it in the next collective)."""
+    try:
+        out, error = work(), None
+    except Exception as e:  # noqa: BLE001 -- raised below, once every process knows
+        out, error = None, e
+    failed = np.flatnonzero(gather([error is not None])[:, 0])
+    if error is not None:
+        raise error
+    if failed.size:
+        raise ConfigError(f"{what} failed in process {failed[0]} (its error says why)")
+    return out

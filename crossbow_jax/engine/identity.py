@@ -92,9 +92,8 @@ def describe_data_difference(saved: dict[str, str], now: dict[str, str]) -> str:
     changed = [k for k in {**saved, **now} if saved.get(k, "none") != now.get(k, "none")]
     if not changed:
         return ""
-    k, more = changed[0], f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
-    verb = "were" if k.endswith("s") else "was"
-    return f"{k} {verb} {saved.get(k, 'none')}, now {now.get(k, 'none')}{more}"
+    k, verb = changed[0], "were" if changed[0].endswith("s") else "was"
+    return f"{k} {verb} {saved.get(k, 'none')}, now {now.get(k, 'none')}{runfolder.more(changed)}"
 
 
 def _shrunk(shape: tuple[int, ...], max_size: int) -> tuple[int, ...]:
@@ -263,8 +262,8 @@ def describe_difference(saved: dict[str, str], now: dict[str, str]) -> str:
     new = [k for k in now if k not in saved]
     parts = []
     if changed:
-        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
-        parts.append(f"{changed[0]} was {saved[changed[0]]}, now {now[changed[0]]}{more}")
+        first = changed[0]
+        parts.append(f"{first} was {saved[first]}, now {now[first]}{runfolder.more(changed)}")
     for what, keys in (("saved arrays missing now", gone), ("arrays not in the run", new)):
         if keys:
             parts.append(f"{len(keys)} {what} (e.g. {keys[0]})")

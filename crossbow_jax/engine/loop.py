@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import signal
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
@@ -312,13 +311,15 @@ class _Programs(dict):
 def _run(stage: _Stage, plan, state, test, history: History, timer, save, interrupt):
     """Runs the chunks of `plan`; returns (state, whether the target accuracy was reached).
 
-    `interrupt(step, state)` saves and raises `RunInterrupted` when a signal came (here: before
-    the first dispatch, after compiling; then after every dispatch)."""
+    `interrupt(signal, step, state)` saves and raises `RunInterrupted` when a signal came
+    (seen before the first dispatch, after compiling, and after every dispatch, once that
+    dispatch's evaluation and checkpoint are done)."""
     setup = stage.setup
     for length in sorted({chunk.length for chunk in plan}):  # compile before the clock runs
         stage.dispatch[length]
-    if plan and preemption.poll(interrupt.signals, False)[0]:
-        interrupt(plan[0].start, state)
+    signum = preemption.poll(interrupt.signals, False)[0] if plan else 0
+    if signum:
+        interrupt(signum, plan[0].start, state)
     pending, epoch = None, None
     history.restart_clock()
     for chunk in plan:
@@ -334,34 +335,35 @@ def _run(stage: _Stage, plan, state, test, history: History, timer, save, interr
                 history.add_dispatches([pending], next_one=current)
             pending = current
             continue
-        evaluate_now = chunk.evaluate and test is not None and not signum
+        evaluate_now = chunk.evaluate and test is not None
         history.add_dispatches([pending, current] if pending else [current],
                                evaluation_follows=evaluate_now)  # fmt: skip
         pending = None
-        if signum:
-            interrupt(chunk.end, state)
         reached = False
-        if evaluate_now:
+        if evaluate_now:  # also when a signal came: the resumed run goes on from here
             reached = history.add_evaluation(evaluate_central(stage.evaluate, state, test))
         if save and (chunk.checkpoint or due or reached):
             save(chunk.end, state)
         if reached:
             return state, True
+        if signum and chunk is not plan[-1]:  # (at the plan's end: the run ends, or the
+            interrupt(signum, chunk.end, state)  # next plan's first poll stops it)
         history.restart_clock()
     return state, False
 
 
 class _Stop:
-    """What `_run` calls when a signal came: save the step (once), raise `RunInterrupted`."""
+    """What `_run` calls when a signal came (the one all processes agreed on): save the
+    step (once), raise `RunInterrupted`."""
 
     def __init__(self, signals: preemption.Signals, save, checkpointer: Checkpointer | None):
         self.signals, self.save, self.checkpointer = signals, save, checkpointer
 
-    def __call__(self, step: int, state) -> None:
+    def __call__(self, signum: int, step: int, state) -> None:
         folder = self.checkpointer.directory if self.checkpointer else None
         if self.checkpointer and self.checkpointer.latest_step() != step:
             self.save(step, state)
-        raise preemption.RunInterrupted(self.signals.received or signal.SIGTERM, step, folder)
+        raise preemption.RunInterrupted(signum, step, folder)
 
 
 class CheckpointTimer:

@@ -176,9 +176,13 @@ MAX_STEPS = 2**31 - 1
 MAX_DISPATCHES = 2**24
 
 
-def check_length(clock: Clock, epochs: float, steps_per_dispatch: int) -> None:
+def check_length(
+    clock: Clock, epochs: float, steps_per_dispatch: int, cuts_every: tuple[int, ...] = ()
+) -> None:
     """Refuses a run whose steps from `clock.start` overflow the step counter or whose
-    dispatches are too many to plan (`MAX_STEPS`, `MAX_DISPATCHES`).
+    dispatches are too many to plan (`MAX_STEPS`, `MAX_DISPATCHES`): at least one per
+    `steps_per_dispatch` steps, per epoch end and per cut every `cuts_every` steps
+    (`eval_every`, `checkpoint_every`; 0: none).
 
     Raises:
         ConfigError: one line naming the epochs, the steps and the bound.
@@ -194,7 +198,9 @@ def check_length(clock: Clock, epochs: float, steps_per_dispatch: int) -> None:
             f"{what} ({per_epoch}); the engine counts steps in int32, at most {MAX_STEPS} "
             f"steps: use at most epochs={most:.6g}, or more images per step"
         )
-    dispatches = -(-steps // steps_per_dispatch)  # at least: a dispatch takes at most that many
+    cuts = [-(-steps // steps_per_dispatch), math.ceil(epochs - clock.epochs(clock.start.step))]
+    cuts += [steps // every for every in cuts_every if every]
+    dispatches = max(cuts)  # at least: a plan cuts at each of these
     if dispatches > MAX_DISPATCHES:
         raise ConfigError(
             f"{what} in {dispatches} dispatches of at most {steps_per_dispatch} "

@@ -13,12 +13,13 @@ the preemption service).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import sys
 import threading
 
-import jax
-import numpy as np
+from crossbow_jax.engine import distributed
 
 
 class RunInterrupted(Exception):
@@ -34,13 +35,16 @@ class RunInterrupted(Exception):
 
     def __init__(self, signum: int, step: int, folder: str | None):
         self.signal, self.step, self.folder = signal.Signals(signum).name, step, folder
-        self.exit_code = 128 + signum
+        self.exit_code, self._args = 128 + signum, (signum, step, folder)
         if folder:
             text = (f"{self.signal}: saved step {step} in {folder}; run the same command with "
                     "--resume (resume=True) to continue")  # fmt: skip
         else:
-            text = f"{self.signal} at step {step}; no run folder, nothing saved"
+            text = f"{self.signal} at step {step}; nothing saved (no run folder, or no step yet)"
         super().__init__(text)
+
+    def __reduce__(self):  # across processes (a pool's worker) as it was raised
+        return type(self), self._args
 
 
 class Signals:
@@ -66,7 +70,8 @@ class Signals:
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            if handler is not None:  # None: a handler set from C, which Python cannot restore
+                signal.signal(signum, handler)
         self._previous = {}
 
     def _handle(self, signum: int, frame) -> None:
@@ -76,8 +81,18 @@ class Signals:
         if not self.received:
             self.received = signum
             name = signal.Signals(signum).name
-            print(f"crossbow_jax: {name} received: finishing the dispatch in flight, then "
-                  "saving (Ctrl-C again stops at once)", file=sys.stderr, flush=True)  # fmt: skip
+            line = (f"crossbow_jax: {name} received: finishing the dispatch in flight, then "
+                    "saving (Ctrl-C again stops at once)\n")  # fmt: skip
+            with contextlib.suppress(OSError):  # os.write: print may be mid-call (reentrant)
+                os.write(sys.stderr.fileno(), line.encode())
+
+
+def stop_if_signalled(signals: Signals, step: int | None, folder: str | None) -> None:
+    """Between the phases before training (data, measuring, tuning): raises `RunInterrupted`
+    when a signal came (every process alike); `step` is the run folder's checkpoint, if any."""
+    signum = poll(signals, False)[0]
+    if signum:
+        raise RunInterrupted(signum, step or 0, folder if step is not None else None)
 
 
 def poll(signals: Signals | None, timer_due: bool) -> tuple[int, bool]:
@@ -86,11 +101,5 @@ def poll(signals: Signals | None, timer_due: bool) -> tuple[int, bool]:
     One tiny all-gather per call when there are several processes (none otherwise):
     the largest signal number wins, so a SIGTERM anywhere makes every process exit 143.
     """
-    received = signals.received if signals else 0
-    if jax.process_count() == 1:
-        return received, timer_due
-    from jax.experimental import multihost_utils
-
-    both = multihost_utils.process_allgather(np.asarray([received, int(timer_due)], np.int32))
-    both = np.asarray(both).reshape(-1, 2)
+    both = distributed.gather([signals.received if signals else 0, timer_due])
     return int(both[:, 0].max()), bool(both[:, 1].max())

@@ -211,7 +211,7 @@ def prepare(
     epoch_steps(layout, data.num_train)  # at least one step fits
     clock = Clock(start or Position(), layout.images_per_step, data.num_train)
     dispatch = resolve_dispatch(config, mesh)
-    check_length(clock, config.epochs, dispatch[0])
+    check_length(clock, config.epochs, dispatch[0], (config.eval_every, config.checkpoint_every))
     axes = mapping.device_axes(mesh)
     spec = step.StepSpec(
         model,

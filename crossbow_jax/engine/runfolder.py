@@ -22,6 +22,7 @@ import shutil
 import socket
 import sys
 import time
+from typing import Any
 
 from crossbow_jax.engine.config import ConfigError
 
@@ -34,9 +35,9 @@ RUN_FILES = (CONFIG_FILE, "result.json", "history.json", "tuning.json")
 """Files a run writes at the folder's top level (removed, with its checkpoints, by overwrite)."""
 
 
-class CheckpointError(ConfigError):
+class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read back intact (one line: the folder, the
-    step and the cause). A `ConfigError`: the command prints it as one `error:` line."""
+    step, the cause and what to do); the command prints it as one `error:` line."""
 
 
 def checkpoint_steps(folder: str) -> list[int]:
@@ -92,12 +93,16 @@ class RunLock:
             _HELD[self.folder][1] += 1
             return
         try:
+            os.makedirs(self.folder, exist_ok=True)
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644))
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # nothing held open
             # for writing: a file system with such a file cannot be remounted read-only
         except OSError as e:
             why = "it is a symbolic link" if e.errno == errno.ELOOP else e.strerror
-            raise ConfigError(f"cannot lock {folder!r}: {path} cannot be opened ({why})") from None
+            raise ConfigError(
+                f"cannot lock {folder!r}: {path} cannot be opened ({why}); remove it, or use "
+                "another folder"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -163,18 +168,28 @@ def write_digest(folder: str, step: int) -> None:
     digests = os.path.join(folder, DIGESTS)
     os.makedirs(digests, exist_ok=True)
     files = _files(os.path.join(folder, CHECKPOINTS, str(step)))
-    path = os.path.join(digests, f"{step}.json")
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"step": step, "files": files}, f, indent=0, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json(os.path.join(digests, f"{step}.json"), {"step": step, "files": files})
     kept = {str(s) for s in checkpoint_steps(folder)}
     for name in os.listdir(digests):
         if name.endswith(".json") and name[:-5] not in kept:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(digests, name))
+
+
+def write_json(path: str, value: Any, **dump: Any) -> None:
+    """Writes `value` as JSON all at once: a reader sees the old file or the new one."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1, sort_keys=True, **dump)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def more(items: list) -> str:
+    """ " (and N more)" after the first of `items` ("" for one)."""
+    return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
 
 
 def damage(folder: str, step: int) -> str | None:
@@ -193,40 +208,37 @@ def damage(folder: str, step: int) -> str | None:
         return f"its files cannot be read ({e.strerror})"
     missing = sorted(set(saved) - set(now))
     if missing:
-        return f"{missing[0]} is missing" + (
-            f" (and {len(missing) - 1} more)" if missing[1:] else ""
-        )
+        return f"{missing[0]} is missing{more(missing)}"
     changed = sorted(k for k in saved if saved[k] != now[k])
     if changed:
-        return f"{changed[0]} has changed since it was written" + (
-            f" (and {len(changed) - 1} more)" if changed[1:] else ""
-        )
+        return f"{changed[0]} has changed since it was written{more(changed)}"
     return None
 
 
-def intact_steps(folder: str) -> tuple[list[int], list[tuple[int, str]]]:
-    """The checkpoints to read, newest first, and the damaged ones with what is wrong.
+def verified(folder: str):
+    """Yields the folder's checkpoints newest first, each with what is wrong with it (None:
+    intact); stop at the first intact one, older ones are not read.
 
     A folder without any digest (written before crossbow_jax kept them) is
     taken as it is. Otherwise a step is intact when its files match its digest.
     """
-    steps = checkpoint_steps(folder)[::-1]
     digests = os.path.join(folder, DIGESTS)
-    if not (os.path.isdir(digests) and any(n.endswith(".json") for n in os.listdir(digests))):
-        return steps, []
-    good, bad = [], []
-    for step in steps:
-        problem = damage(folder, step)
-        (bad.append((step, problem)) if problem else good.append(step))
-    return good, bad
+    checked = os.path.isdir(digests) and any(n.endswith(".json") for n in os.listdir(digests))
+    for step in checkpoint_steps(folder)[::-1]:
+        yield step, damage(folder, step) if checked else None
+
+
+def newest_intact_step(folder: str) -> int | None:
+    """The newest checkpoint whose files match their digest (None: none)."""
+    return next((step for step, problem in verified(folder) if problem is None), None)
 
 
 def set_aside(folder: str, step: int) -> str:
     """Moves a damaged checkpoint out of orbax's way (into `damaged/`); returns where."""
     target = os.path.join(folder, DAMAGED, str(step))
-    if os.path.exists(target):
-        shutil.rmtree(target)
     os.makedirs(os.path.dirname(target), exist_ok=True)
+    if os.path.exists(target):  # one set aside before keeps its place
+        target += time.strftime("-%Y%m%d-%H%M%S")
     os.replace(os.path.join(folder, CHECKPOINTS, str(step)), target)
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(folder, DIGESTS, f"{step}.json"))
