@@ -88,6 +88,7 @@ BAD = [
     ({"learners_per_device": 0}, "learners_per_device=0 must be an int >= 1"),
     ({"algorithm": "asgd"}, "algorithm='asgd' is not one of sma, ssgd"),
     ({"epochs": 0}, "epochs=0 must be > 0"),
+    ({"epochs": float("inf")}, "epochs=inf must be a finite number"),
     ({"mapper": "vmap"}, "mapper='vmap' is not one of"),
     ({"batch_size": 1000}, "one step needs 4000 images"),
     ({"num_devices": 99}, "num_devices=99 but only 8 devices"),

@@ -8,6 +8,7 @@ mid-run) and, for the references and resumes, through `cli.main` here.
 
 import contextlib
 import io
+import json
 import os
 import pathlib
 import shutil
@@ -214,6 +215,29 @@ def test_a_folder_with_another_runs_checkpoints_is_refused_unless_overwritten(tm
     assert not (folder / runfolder.DAMAGED).exists()
 
 
+def test_resuming_a_complete_run_trains_nothing_and_keeps_its_result(tmp_path, finished):
+    """A requeued job whose run is done: its result, not a rerun with 0 images/s."""
+    folder = tmp_path / "run"
+    shutil.copytree(finished[0], folder)
+    before = json.loads((folder / "result.json").read_text())
+    code, err = command(folder, "--resume")
+    assert code == 0 and "is complete at step 32" in err, err
+    after = json.loads((folder / "result.json").read_text())
+    for key in ("accuracy", "images_per_second", "steps", "compile_time"):
+        assert after[key] == before[key], key
+    assert runfolder.checkpoint_steps(folder) == [28, 32]
+
+
+def test_a_config_json_that_cannot_be_read_is_named(tmp_path, finished):
+    folder = tmp_path / "run"
+    shutil.copytree(finished[0], folder)
+    text = (folder / "config.json").read_text()
+    (folder / "config.json").write_text(text[: len(text) // 2])
+    code, err = command(folder, "--resume")
+    assert code == 2 and f"{folder}/config.json cannot be read" in err, err
+    assert "--overwrite" in err
+
+
 def test_a_save_orbax_declines_is_an_error(tmp_path):
     from crossbow_jax.engine.checkpoint import Checkpointer
 
@@ -343,3 +367,11 @@ def test_a_save_that_fails_ends_the_run_within_seconds_with_one_line(tmp_path, f
     assert "could not write the checkpoint of step" in errors[0] and cause in errors[0]
     intact = next(line for line in child.stderr().splitlines() if line.startswith("intact"))
     assert intact.split()[1].isdigit(), child.stderr()  # the checkpoints written before stay
+
+
+def test_deleting_every_digest_does_not_switch_the_check_off(tmp_path, finished):
+    folder = tmp_path / "run"
+    shutil.copytree(finished[0], folder)
+    shutil.rmtree(folder / runfolder.DIGESTS)
+    with pytest.raises(crossbow_jax.CheckpointError, match="step 32: it has no digest"):
+        crossbow_jax.load_run(folder)

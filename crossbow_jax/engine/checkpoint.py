@@ -67,16 +67,17 @@ class Checkpointer:
             self._manager = self._open(self._keep)
         except Exception as e:
             raise runfolder.CheckpointError(
-                f"cannot open the checkpoints in {self.directory} ({_cause(e)}); use another folder"
+                f"cannot open the checkpoints in {self.directory} ({runfolder.cause(e)}); use another folder"
             ) from e
 
     def _open(self, keep: int) -> ocp.CheckpointManager:
-        return ocp.CheckpointManager(
-            os.path.join(self.directory, runfolder.CHECKPOINTS),
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=False
-            ),  # a save is waited for anyway; in the caller's thread, it never outlives it
-        )
+        with _quiet_orbax():  # (its notes on the cut-off checkpoints it cleans up)
+            return ocp.CheckpointManager(
+                os.path.join(self.directory, runfolder.CHECKPOINTS),
+                options=ocp.CheckpointManagerOptions(
+                    max_to_keep=keep, create=True, enable_async_checkpointing=False
+                ),  # a save is waited for anyway; in the caller's thread, it never outlives it
+            )
 
     def _check_identity(self, config: TrainConfig) -> dict[str, Any]:
         """The saved `config.json` of a run to resume ({} for a fresh run); checks the settings."""
@@ -86,9 +87,11 @@ class Checkpointer:
             return {}
         if not config.resume:
             held = f"checkpoints up to step {steps[-1]}" if steps else "an unfinished checkpoint"
+            go_on = ("pass resume=True (--resume) to continue it, " if os.path.exists(path)
+                     else "")  # fmt: skip
             raise ConfigError(
-                f"{self.directory} already holds a run ({held}); pass resume=True (--resume) "
-                "to continue it, overwrite=True (--overwrite) to replace it, or use another folder"
+                f"{self.directory} already holds a run ({held}); {go_on}pass overwrite=True "
+                "(--overwrite) to replace it, or use another folder"
             )
         if not steps:
             return {}  # only a checkpoint that was cut off: the run starts from the beginning
@@ -98,9 +101,16 @@ class Checkpointer:
                 "to cannot be checked; pass overwrite=True (--overwrite) to start anew, or use "
                 "another folder"
             )
-        with open(path) as f:
-            saved = json.load(f)
-        settings = {k: v for k, v in saved.items() if not k.startswith("fingerprint_")}
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(
+                f"{path} cannot be read ({runfolder.cause(e)}); restore it, or start anew with "
+                "overwrite=True (--overwrite)"
+            ) from None
+        settings = {k: v for k, v in saved.items()
+                    if not k.startswith("fingerprint_") and k != runfolder.DIGESTS_KEPT}  # fmt: skip
         now = self.identity
         keys = set(settings) | set(now)
         diff = sorted(k for k in keys if settings.get(k) != now.get(k))
@@ -128,6 +138,8 @@ class Checkpointer:
                 f"the checkpoint of step {bad} in {self.directory} is damaged ({problem}); "
                 f"resuming from step {step}, the newest intact one"
             )
+        if not damaged:
+            runfolder.report(f"resuming {self.directory} from step {step}")
         self._damaged = [bad for bad, _ in damaged]
         return step, record
 
@@ -155,7 +167,7 @@ class Checkpointer:
             ConfigError: the run folder was started with another model, optimiser or
                 data (saying what differs); nothing in the folder is changed.
         """
-        record = dict(self.identity)
+        record = {**self.identity, runfolder.DIGESTS_KEPT: True}  # a missing digest is damage
         for part, tree in parts.items():
             key, now = f"fingerprint_{part}", identity.fingerprint(tree)
             saved = self.saved.get(key)
@@ -233,7 +245,7 @@ class Checkpointer:
             raise
         except Exception as e:
             raise runfolder.CheckpointError(
-                f"could not write {where}: {_cause(e)}; make room or make it writable, then "
+                f"could not write {where}: {runfolder.cause(e)}; make room or make it writable, then "
                 "resume=True (--resume) goes on from the checkpoint before"
             ) from e
         if not done:
@@ -262,7 +274,7 @@ class Checkpointer:
         except Exception as e:  # verified files that do not load: not a user's mistake
             raise runfolder.CheckpointError(
                 f"the checkpoint of step {self.step} in {self.directory} cannot be read "
-                f"({_cause(e)})"
+                f"({runfolder.cause(e)})"
             ) from e
 
     def restore_as_saved(self, like: Any) -> Any:
@@ -329,7 +341,7 @@ def newest_intact(directory: str) -> tuple[int, dict[str, Any], list[tuple[int, 
             try:
                 return step, record_at(directory, step), damaged
             except Exception as e:  # noqa: BLE001 -- a folder without digests, as older
-                problem = f"its record cannot be read: {_cause(e)}"  # versions wrote
+                problem = f"its record cannot be read: {runfolder.cause(e)}"  # versions wrote
         damaged.append((step, problem))
     if not damaged:
         raise ConfigError(f"{directory!r} holds no checkpoint; pass a run folder (checkpoint_dir)")
@@ -338,16 +350,6 @@ def newest_intact(directory: str) -> tuple[int, dict[str, Any], list[tuple[int, 
         f"no intact checkpoint in {directory} ({problems}); start anew with overwrite=True "
         "(--overwrite) or use another folder"
     )
-
-
-def _cause(error: BaseException) -> str:
-    """An exception in a few words: an OS error's reason, else its first line."""
-    while error.__cause__ is not None and not isinstance(error, OSError):
-        error = error.__cause__
-    if isinstance(error, OSError) and error.strerror:
-        return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) < 300 else text[:297] + "..."
 
 
 @contextlib.contextmanager

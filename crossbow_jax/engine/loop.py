@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, Protocol
 import jax
 import numpy as np
 
-from crossbow_jax.engine import identity, mapping, preemption, traffic
+from crossbow_jax.engine import identity, mapping, preemption, runfolder, traffic
 from crossbow_jax.engine.checkpoint import Checkpointer
 from crossbow_jax.engine.checks import check_run
 from crossbow_jax.engine.config import TrainConfig
@@ -26,7 +26,7 @@ from crossbow_jax.engine.inputs import Arrays
 from crossbow_jax.engine.placement import TestData
 from crossbow_jax.engine.plan import Clock, Position, layout_for, plan_chunks, run_end
 from crossbow_jax.engine.programs import Setup, prepare
-from crossbow_jax.engine.result import TrainResult, run_summary
+from crossbow_jax.engine.result import TrainResult, result_of_record, run_summary
 from crossbow_jax.engine.task import Task
 from crossbow_jax.models.adapters import Model
 
@@ -135,8 +135,8 @@ def fit(
             m = tuner.replay(record["run"]["tuning"]) if record["run"].get("tuning") else saved_m
         start = _position(record, data, mesh, config, saved_m)
         setup = prepare(config, model, optimizer, data, mesh, m, task, start)  # checks memory
-        test = TestData(data, mesh) if data.has_test else None
         closing.callback(lambda: setup.train_data.close())
+        test = TestData(data, mesh) if data.has_test else None
         state = setup.compiler.init_state(config.seed, data.example)
         rows, before = [], 0.0
         if checkpointer:
@@ -152,6 +152,8 @@ def fit(
                 behaviour=identity.DEFAULT if optimizer is None else (
                     identity.optimizer_behaviour(optimizer, learner)),
             )  # fmt: skip
+        if record and start.step >= run_end(setup.clock, config.epochs):  # nothing to train
+            return _complete(checkpointer, record, model, config)
         if record:
             state = _restored(checkpointer, setup, state, record, config, mesh, saved_m, m)
             rows, before = list(record["history"]), record["elapsed"]
@@ -207,8 +209,8 @@ def fit(
             checkpointer.save(step, state, record, central)
             timer.saved()
 
-        interrupt = _Stop(signals or closing.enter_context(preemption.Signals()), save,
-                          checkpointer)  # fmt: skip
+        interrupt = preemption.Interrupt(signals or closing.enter_context(preemption.Signals()),
+                                         save, checkpointer, start.step, config)  # fmt: skip
         stage, first_sample = _compile(setup, state, test), 0
         while True:
             end = run_end(setup.clock, config.epochs)
@@ -241,6 +243,17 @@ def fit(
                 setup, stage, state, m = new, new_stage, resized, following
                 history.use(setup.clock, run_end(setup.clock, config.epochs))
         return result(stage.setup.compiler.central_variables(state))
+
+
+def _complete(checkpointer: Checkpointer, record, model: Model, config) -> TrainResult:
+    """A resumed run that its checkpoint already ends (a requeued job, fewer epochs): the
+    checkpoint's result, with nothing compiled or written."""
+    if jax.process_index() == 0:
+        runfolder.report(f"the run in {checkpointer.directory} is complete at step "
+                         f"{record['step']} (epochs={config.epochs:g}): nothing to train; "
+                         "more epochs continue it")  # fmt: skip
+    return dataclasses.replace(result_of_record(checkpointer.directory, record, model),
+                               config=config)  # fmt: skip
 
 
 def _position(record, data: Arrays, mesh, config: TrainConfig, saved_m) -> Position:
@@ -350,20 +363,6 @@ def _run(stage: _Stage, plan, state, test, history: History, timer, save, interr
             interrupt(signum, chunk.end, state)  # next plan's first poll stops it)
         history.restart_clock()
     return state, False
-
-
-class _Stop:
-    """What `_run` calls when a signal came (the one all processes agreed on): save the
-    step (once), raise `RunInterrupted`."""
-
-    def __init__(self, signals: preemption.Signals, save, checkpointer: Checkpointer | None):
-        self.signals, self.save, self.checkpointer = signals, save, checkpointer
-
-    def __call__(self, signum: int, step: int, state) -> None:
-        folder = self.checkpointer.directory if self.checkpointer else None
-        if self.checkpointer and self.checkpointer.latest_step() != step:
-            self.save(step, state)
-        raise preemption.RunInterrupted(signum, step, folder)
 
 
 class CheckpointTimer:

@@ -102,6 +102,8 @@ def check_value(field: dataclasses.Field, value: Any) -> None:
             extra = ' or "auto"' if rule.get("auto") else ""
             raise ConfigError(f"{name}={value!r} must be an int{bound}{extra}")
     elif what == "float":
+        if _is_number(value) and not math.isfinite(value):
+            raise ConfigError(f"{name}={value!r} must be a finite number")
         numbers = rule.get("range", Range(-math.inf))
         if not _is_number(value) or value not in numbers:
             prefix = "" if _is_number(value) or "range" not in rule else "a number "

@@ -193,7 +193,8 @@ def check_length(
             f"{f' from step {clock.start.step}' if clock.start.step else ''}")  # fmt: skip
     per_epoch = f"{clock.steps_per_epoch} steps of {clock.per_step} images per epoch"
     if end > MAX_STEPS:
-        most = MAX_STEPS / max(clock.steps_per_epoch, 1)
+        per = max(clock.steps_per_epoch, 1)  # within the dispatch bound too (its cuts aside)
+        most = min(MAX_STEPS / per, MAX_DISPATCHES * steps_per_dispatch / per, MAX_DISPATCHES)
         raise ConfigError(
             f"{what} ({per_epoch}); the engine counts steps in int32, at most {MAX_STEPS} "
             f"steps: use at most epochs={most:.6g}, or more images per step"

@@ -22,9 +22,10 @@ import threading
 from crossbow_jax.engine import distributed
 
 
-class RunInterrupted(Exception):
+class RunInterrupted(KeyboardInterrupt):
     """The run stopped on a signal, after saving a checkpoint of `step` (when it has a
-    run folder).
+    run folder). A `KeyboardInterrupt`, so that `except Exception` does not swallow it; a
+    script that wants the shell's exit code ends with `sys.exit(error.exit_code)`.
 
     Attributes:
         signal: the signal's name ("SIGTERM", "SIGINT").
@@ -33,12 +34,13 @@ class RunInterrupted(Exception):
         exit_code: 128 + the signal's number, what a shell reports for it.
     """
 
-    def __init__(self, signum: int, step: int, folder: str | None):
+    def __init__(self, signum: int, step: int, folder: str | None, overwrite: bool = False):
         self.signal, self.step, self.folder = signal.Signals(signum).name, step, folder
-        self.exit_code, self._args = 128 + signum, (signum, step, folder)
+        self.exit_code, self._args = 128 + signum, (signum, step, folder, overwrite)
         if folder:
+            instead = " in place of --overwrite" if overwrite else ""
             text = (f"{self.signal}: saved step {step} in {folder}; run the same command with "
-                    "--resume (resume=True) to continue")  # fmt: skip
+                    f"--resume{instead} (resume=True) to continue")  # fmt: skip
         else:
             text = f"{self.signal} at step {step}; nothing saved (no run folder, or no step yet)"
         super().__init__(text)
@@ -81,10 +83,28 @@ class Signals:
         if not self.received:
             self.received = signum
             name = signal.Signals(signum).name
+            again = " (Ctrl-C again stops at once)" if signum == signal.SIGINT else ""
             line = (f"crossbow_jax: {name} received: finishing the dispatch in flight, then "
-                    "saving (Ctrl-C again stops at once)\n")  # fmt: skip
+                    f"saving (with a run folder) and stopping{again}\n")  # fmt: skip
             with contextlib.suppress(OSError):  # os.write: print may be mid-call (reentrant)
                 os.write(sys.stderr.fileno(), line.encode())
+
+
+class Interrupt:
+    """What the loop calls when a signal came (the one all processes agreed on): save the
+    step (once, and not the step the run began at), raise `RunInterrupted`."""
+
+    def __init__(self, signals: Signals, save, checkpointer, first: int, config):
+        self.signals, self.save, self.checkpointer = signals, save, checkpointer
+        self.first, self.overwrite = first, config.overwrite  # the step this process began at
+
+    def __call__(self, signum: int, step: int, state) -> None:
+        saved = self.checkpointer.latest_step() if self.checkpointer else None
+        if self.checkpointer and step not in (saved, self.first):  # (not trained: no save,
+            self.save(step, state)  # which would also carry out an overwrite for nothing)
+            saved = step
+        folder = self.checkpointer.directory if saved is not None else None
+        raise RunInterrupted(signum, saved or step, folder, self.overwrite)
 
 
 def stop_if_signalled(signals: Signals, step: int | None, folder: str | None) -> None:

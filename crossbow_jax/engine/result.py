@@ -186,14 +186,30 @@ def load_run(folder: str | os.PathLike, model: Any = None) -> TrainResult:
             f"the checkpoint in {folder!r} was written by an older crossbow_jax and holds no "
             "run summary; resume the run once to write one"
         )
+    if model is None:
+        model = run["registry_name"]
+    adapter = None
+    if model is not None:
+        config = TrainConfig(**run["config"])
+        adapter = resolve_model(model, run["num_classes"], config.dtype, config.mode_keyword)
+    return result_of_record(folder, record, adapter)
+
+
+def result_of_record(folder: str, record: dict[str, Any], adapter: Model | None) -> TrainResult:
+    """The `TrainResult` a checkpoint's record and central model describe (`load_run`; a
+    resumed run that has nothing left to train).
+
+    Args:
+        folder: the run folder.
+        record: the checkpoint's JSON record (`read_record`).
+        adapter: the run's model, resolved; None: the variables alone, as nested dicts.
+    """
+    run = record["run"]
     config = TrainConfig(**run["config"])
     pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v
                         for k, v in run["preprocess"].items()})  # fmt: skip
-    if model is None:
-        model = run["registry_name"]
-    adapter = like = None
-    if model is not None:
-        adapter = resolve_model(model, run["num_classes"], config.dtype, config.mode_keyword)
+    like = None
+    if adapter is not None:
         example = np.zeros(run["example"]["shape"], run["example"]["dtype"])
         if adapter.given:
             like = adapter.init(None, None)

@@ -31,6 +31,8 @@ DIGESTS = "digests"
 DAMAGED = "damaged"
 CHECKPOINTS = "checkpoints"
 CONFIG_FILE = "config.json"
+DIGESTS_KEPT = "checkpoint_digests"
+"""`config.json` key: the run keeps digests, so a checkpoint without one is damaged."""
 RUN_FILES = (CONFIG_FILE, "result.json", "history.json", "tuning.json")
 """Files a run writes at the folder's top level (removed, with its checkpoints, by overwrite)."""
 
@@ -199,7 +201,7 @@ def damage(folder: str, step: int) -> str | None:
         with open(path) as f:
             saved = json.load(f)["files"]
     except FileNotFoundError:
-        return "it has no digest (cut off before it was complete)"
+        return "it has no digest: cut off before it was complete, or the digest was deleted"
     except (ValueError, KeyError):
         return f"its digest {path} is unreadable"
     try:
@@ -210,6 +212,11 @@ def damage(folder: str, step: int) -> str | None:
     if missing:
         return f"{missing[0]} is missing{more(missing)}"
     changed = sorted(k for k in saved if saved[k] != now[k])
+    sizes = [(k, now[k].split(":")[0], saved[k].split(":")[0]) for k in changed]
+    resized = [(k, n, was) for k, n, was in sizes if n != was]
+    if resized:
+        k, n, was = resized[0]
+        return f"{k} has {n} of its {was} bytes{more(resized)}"
     if changed:
         return f"{changed[0]} has changed since it was written{more(changed)}"
     return None
@@ -224,8 +231,17 @@ def verified(folder: str):
     """
     digests = os.path.join(folder, DIGESTS)
     checked = os.path.isdir(digests) and any(n.endswith(".json") for n in os.listdir(digests))
+    checked = checked or _config(folder).get(DIGESTS_KEPT, False)  # (every digest deleted)
     for step in checkpoint_steps(folder)[::-1]:
         yield step, damage(folder, step) if checked else None
+
+
+def _config(folder: str) -> dict[str, Any]:
+    try:
+        with open(os.path.join(folder, CONFIG_FILE)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
 def newest_intact_step(folder: str) -> int | None:
@@ -248,3 +264,13 @@ def set_aside(folder: str, step: int) -> str:
 def report(line: str) -> None:
     """One line on stderr (process 0's): what the run folder did on its own."""
     print(f"crossbow_jax: {line}", file=sys.stderr, flush=True)
+
+
+def cause(error: BaseException) -> str:
+    """An exception in a few words: an OS error's reason, else its first line."""
+    while error.__cause__ is not None and not isinstance(error, OSError):
+        error = error.__cause__
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) < 300 else text[:297] + "..."
