@@ -4,14 +4,11 @@ A checkpoint holds the global training state (sharded arrays, written by
 every process for its own shards) and a small JSON record (step, history,
 elapsed time). Orbax writes each step into a temporary folder and renames it
 when complete, so a run killed mid-write leaves the previous checkpoint
-intact. `config.json` in the run folder pins what a resumed run must share:
-the settings (`TrainConfig.identity`), the layout, and fingerprints of the
-model's parameter tree (every array's path, dtype and shape) and of the
-optimiser state (every array's path and dtype: its shapes follow the layout).
-With the data and the optimiser's behaviour (`identity`), it is written
-only once a run has passed every check, so a refused resume leaves the
-folder as it was. Saves are checked and digested, and a resume starts from
-the newest intact checkpoint (`runfolder`).
+intact. `config.json` pins what a resumed run must share: the settings, the
+layout and the fingerprints of `identity` (model, optimiser state and
+behaviour, data); it is written by the first save, so a refused or failed
+run leaves the folder as it was. Saves are checked and digested, and a
+resume starts from the newest intact checkpoint (`runfolder`).
 """
 
 from __future__ import annotations
@@ -195,14 +192,18 @@ class Checkpointer:
         set aside, and `config.json` is written (atomically: others may be reading it)."""
         if self.overwrite:
             self._manager.close()
-        if jax.process_index() == 0:
+
+        def prepare_folder() -> None:  # process 0's part; every process waits for it
+            if jax.process_index() != 0:
+                return
             if self.overwrite:
                 runfolder.clear(self.directory)
             for bad in self._damaged or ():
                 where = runfolder.set_aside(self.directory, bad)
                 runfolder.report(f"moved the damaged checkpoint of step {bad} to {where}")
             runfolder.write_json(os.path.join(self.directory, CONFIG_FILE), self._pending)
-        distributed.agree(lambda: None, "clearing the run folder")  # a barrier
+
+        distributed.agree(prepare_folder, f"preparing {self.directory}")
         if self.overwrite or self._damaged:
             self._manager.close()
             self._manager = self._open(self._keep)
