@@ -104,7 +104,7 @@ class Interrupt:
             self.save(step, state)  # which would also carry out an overwrite for nothing)
             saved = step
         folder = self.checkpointer.directory if saved is not None else None
-        raise RunInterrupted(signum, saved or step, folder, self.overwrite)
+        raise RunInterrupted(signum, step if saved is None else saved, folder, self.overwrite)
 
 
 def stop_if_signalled(signals: Signals, step: int | None, folder: str | None) -> None:
