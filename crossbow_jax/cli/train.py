@@ -9,9 +9,8 @@ import os
 from typing import Any
 
 from crossbow_jax.cli import _common
-from crossbow_jax.engine import distributed
+from crossbow_jax.engine import distributed, runfolder
 from crossbow_jax.engine.config import check_writable
-from crossbow_jax.engine import runfolder
 
 EXAMPLES = """\
 examples:
@@ -59,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
     import crossbow_jax
 
     folder = config.checkpoint_dir if main_process else None
-    with runfolder.RunLock(folder) if folder else contextlib.nullcontext():  # until result.json is out
+    with (
+        runfolder.RunLock(folder) if folder else contextlib.nullcontext()
+    ):  # until result.json is out
         result = crossbow_jax.train(
             model, **_common.data_arguments(args), **dataclasses.asdict(config)
         )
@@ -93,8 +94,6 @@ def summary(result, **extra: Any) -> dict[str, Any]:
     return out
 
 
-
-
 def _plain(value: Any) -> Any:
     return value.tolist() if hasattr(value, "tolist") else str(value)
 
@@ -102,7 +101,9 @@ def _plain(value: Any) -> Any:
 def write_run_files(folder: str, result, **extra: Any) -> None:
     """Writes `history.json` and `result.json` into the run folder."""
     runfolder.write_json(os.path.join(folder, HISTORY_FILE), result.history, default=_plain)
-    runfolder.write_json(os.path.join(folder, RESULT_FILE), summary(result, **extra), default=_plain)
+    runfolder.write_json(
+        os.path.join(folder, RESULT_FILE), summary(result, **extra), default=_plain
+    )
 
 
 def _bytes(n: float) -> str:

@@ -25,7 +25,6 @@ See docs/design.md for the path of one batch through these files.
 from crossbow_jax.engine.config import ConfigError, TrainConfig
 from crossbow_jax.engine.history import TrainingDiverged
 from crossbow_jax.engine.loop import fit
-from crossbow_jax.engine.preemption import RunInterrupted
 from crossbow_jax.engine.mapping import (
     DEVICE_AXIS,
     HOST_AXIS,
@@ -34,6 +33,7 @@ from crossbow_jax.engine.mapping import (
     put_on_devices,
     select_devices,
 )
+from crossbow_jax.engine.preemption import RunInterrupted
 from crossbow_jax.engine.result import TrainResult, load_run
 from crossbow_jax.engine.runfolder import CheckpointError
 

@@ -56,9 +56,10 @@ class Checkpointer:
         check_writable(self.directory)
         if jax.process_index() == 0:
             self._lock = runfolder.RunLock(self.directory)
-        self.overwrite = config.overwrite and runfolder.holds_a_run(self.directory)
+        held = runfolder.holds_a_run(self.directory)
+        self.overwrite = config.overwrite and held
         self.identity = config.identity()
-        self.saved = self._check_identity(config)
+        self.saved = self._check_identity(config, held)
         self.step, self._record = self._choose_step() if self.saved else (None, None)
         try:
             self._manager = self._open(self._keep)
@@ -76,12 +77,13 @@ class Checkpointer:
                 ),  # a save is waited for anyway; in the caller's thread, it never outlives it
             )
 
-    def _check_identity(self, config: TrainConfig) -> dict[str, Any]:
-        """The saved `config.json` of a run to resume ({} for a fresh run); checks the settings."""
+    def _check_identity(self, config: TrainConfig, held: bool) -> dict[str, Any]:
+        """The saved `config.json` of a run to resume ({} for a fresh run, `held` False: the
+        folder holds no run); checks the settings."""
+        if self.overwrite or not held:
+            return {}
         path = os.path.join(self.directory, CONFIG_FILE)
         steps = runfolder.checkpoint_steps(self.directory)
-        if self.overwrite or not runfolder.holds_a_run(self.directory):
-            return {}
         if not config.resume:
             held = f"checkpoints up to step {steps[-1]}" if steps else "an unfinished checkpoint"
             go_on = ("pass resume=True (--resume) to continue it, " if os.path.exists(path)
@@ -140,14 +142,8 @@ class Checkpointer:
         self._damaged = [bad for bad, _ in damaged]
         return step, record
 
-    def check_and_record(
-        self,
-        unchecked: tuple[str, ...] = (),
-        *,
-        data=None,
-        behaviour=identity.DEFAULT,
-        **parts: Any,
-    ) -> None:
+    def check_and_record(self, unchecked: tuple[str, ...] = (), *, data=None,
+                         behaviour=identity.DEFAULT, **parts: Any) -> None:  # fmt: skip
         """Checks a resumed run against the run folder, then writes `config.json`
         (settings and fingerprints).
 
@@ -314,10 +310,14 @@ class Checkpointer:
         self.close()
 
 
+def _no_checkpoint(directory: str) -> ConfigError:
+    return ConfigError(f"{directory!r} holds no checkpoint; pass a run folder (checkpoint_dir)")
+
+
 def _manager(directory: str) -> ocp.CheckpointManager:
     folder = os.path.join(os.path.abspath(directory), runfolder.CHECKPOINTS)
     if not runfolder.checkpoint_steps(directory):
-        raise ConfigError(f"{directory!r} holds no checkpoint; pass a run folder (checkpoint_dir)")
+        raise _no_checkpoint(directory)
     with _quiet_orbax():  # it says that a read-only manager saves nothing
         return ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(read_only=True))
 
@@ -345,7 +345,7 @@ def newest_intact(directory: str) -> tuple[int, dict[str, Any], list[tuple[int, 
                 problem = f"its record cannot be read: {runfolder.cause(e)}"  # versions wrote
         damaged.append((step, problem))
     if not damaged:
-        raise ConfigError(f"{directory!r} holds no checkpoint; pass a run folder (checkpoint_dir)")
+        raise _no_checkpoint(directory)
     problems = "; ".join(f"step {step}: {why}" for step, why in damaged)
     raise runfolder.CheckpointError(
         f"no intact checkpoint in {directory} ({problems}); start anew with overwrite=True "

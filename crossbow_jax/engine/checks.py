@@ -229,13 +229,7 @@ def memory_limit(devices) -> tuple[int, int] | None:
     `bytes_limit` of one device where they report it (GPU, TPU), each device its own; on
     CPU the host's physical memory, shared by every simulated device of the process;
     None where neither is known (not checked)."""
-    limits = []
-    for device in devices:
-        try:
-            stats = device.memory_stats() or {}
-        except Exception:  # noqa: BLE001 -- a backend without memory statistics
-            stats = {}
-        limits.append(stats.get("bytes_limit"))
+    limits = [mapping.memory_stats(device).get("bytes_limit") for device in devices]
     if limits and all(limits):
         return int(min(limits)), 1
     if limits and all(d.platform == "cpu" for d in devices):

@@ -139,6 +139,15 @@ def device_map(
     return jax.shard_map(per_device, mesh=mesh, in_specs=P(axes), out_specs=P(axes))
 
 
+def memory_stats(device: jax.Device) -> dict[str, Any]:
+    """A device's memory statistics (`bytes_limit`, `bytes_in_use`, ...); {} where its
+    backend reports none (CPU) or cannot."""
+    try:
+        return device.memory_stats() or {}
+    except Exception:  # noqa: BLE001 -- some backends do not implement it
+        return {}
+
+
 def device_sharding(mesh: Mesh) -> NamedSharding:
     """The sharding of arrays with a leading device axis."""
     return NamedSharding(mesh, P(device_axes(mesh)))

@@ -19,6 +19,8 @@ import signal
 import sys
 import threading
 
+import jax
+
 from crossbow_jax.engine import distributed
 
 
@@ -121,5 +123,8 @@ def poll(signals: Signals | None, timer_due: bool) -> tuple[int, bool]:
     One tiny all-gather per call when there are several processes (none otherwise):
     the largest signal number wins, so a SIGTERM anywhere makes every process exit 143.
     """
-    both = distributed.gather([signals.received if signals else 0, timer_due])
+    received = signals.received if signals else 0
+    if jax.process_count() == 1:  # (every dispatch asks: nothing to gather)
+        return received, timer_due
+    both = distributed.gather([received, timer_due])
     return int(both[:, 0].max()), bool(both[:, 1].max())

@@ -12,8 +12,8 @@ import numpy as np
 
 from crossbow_jax.data.preprocess import Preprocess
 from crossbow_jax.engine.checkpoint import read_central, read_record
-from crossbow_jax.engine.identity import check_same_model
 from crossbow_jax.engine.config import ConfigError, TrainConfig
+from crossbow_jax.engine.identity import check_same_model
 from crossbow_jax.engine.inputs import Arrays, as_model_layout, resolve_model
 from crossbow_jax.models.adapters import Model
 

@@ -23,8 +23,8 @@ import numpy as np
 
 from crossbow_jax.engine import config as config_mod
 from crossbow_jax.engine import options
-from crossbow_jax.engine.identity import fingerprint
 from crossbow_jax.engine.config import ConfigError, TrainConfig
+from crossbow_jax.engine.identity import fingerprint
 from crossbow_jax.tuning.measure import MEMORY, OK, OOM, run_trial
 
 ERROR = "error"  # the candidate raised an XLA error (e.g. it does not compile)

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from crossbow_jax.engine import mapping
 from crossbow_jax.engine.config import TrainConfig
 from crossbow_jax.engine.plan import Chunk
 from crossbow_jax.engine.programs import Setup, prepare
@@ -89,11 +90,8 @@ def free_memory(devices) -> int | None:
     """The smallest `bytes_limit - bytes_in_use` over `devices`; None when unknown (CPU)."""
     free = []
     for device in devices:
-        try:
-            stats = device.memory_stats()
-        except Exception:  # noqa: BLE001 -- some backends do not implement it
-            stats = None
-        if not stats or stats.get("bytes_limit") is None:
+        stats = mapping.memory_stats(device)
+        if stats.get("bytes_limit") is None:
             return None
         free.append(int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)))
     return min(free) if free else None

@@ -6,6 +6,8 @@ import json
 import os
 from typing import Any
 
+from crossbow_jax.engine import runfolder
+
 JSON_FILE = "tuning.json"
 _COLUMNS = ("learners", "images/s", "gain", "memory", "compile s", "status")
 _WIDTHS = (8, 10, 7, 10, 9, 6)
@@ -83,8 +85,7 @@ def write_json(result: dict[str, Any], path: str | os.PathLike) -> str:
     folder = os.path.dirname(path)
     if folder:
         os.makedirs(folder, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1, sort_keys=True)
+    runfolder.write_json(path, result)
     return path
 
 
