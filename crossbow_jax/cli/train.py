@@ -10,7 +10,7 @@ from typing import Any
 
 from crossbow_jax.cli import _common
 from crossbow_jax.engine import distributed, runfolder
-from crossbow_jax.engine.config import check_writable
+from crossbow_jax.engine.runfolder import check_writable
 
 EXAMPLES = """\
 examples:

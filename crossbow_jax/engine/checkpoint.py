@@ -24,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from crossbow_jax.engine import distributed, identity, runfolder
-from crossbow_jax.engine.config import ELASTIC_FIELDS, ConfigError, TrainConfig, check_writable
+from crossbow_jax.engine.config import ELASTIC_FIELDS, ConfigError, TrainConfig
 
 CONFIG_FILE = runfolder.CONFIG_FILE
 
@@ -53,7 +53,7 @@ class Checkpointer:
             raise
 
     def _open_folder(self, config: TrainConfig) -> None:
-        check_writable(self.directory)
+        runfolder.check_writable(self.directory)
         if jax.process_index() == 0:
             self._lock = runfolder.RunLock(self.directory)
         held = runfolder.holds_a_run(self.directory)

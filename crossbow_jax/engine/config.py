@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import os
 from typing import Any
 
 from crossbow_jax.engine.algorithms import ALGORITHMS, SMA_FAMILY, check_algorithm
@@ -365,20 +364,6 @@ def refuse_ignored_options(optimizer: Any, options: dict[str, Any]) -> None:
             f"optimizer= is given, so {', '.join(ignored)} (settings of the default SGD "
             "optimiser) would be ignored; put them in your optimizer, or leave optimizer out"
         )
-
-
-def check_writable(folder: str) -> None:
-    """Fails early, with the path, when a run folder cannot be written."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write-test-{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(
-            f"cannot write to {folder!r} ({e.strerror}); pick a folder you can write"
-        ) from None
 
 
 def _docstring() -> str:

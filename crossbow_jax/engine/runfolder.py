@@ -274,3 +274,17 @@ def cause(error: BaseException) -> str:
         return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) < 300 else text[:297] + "..."
+
+
+def check_writable(folder: str) -> None:
+    """Fails early, with the path, when a run folder cannot be written."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot write to {folder!r} ({e.strerror}); pick a folder you can write"
+        ) from None
