@@ -160,3 +160,20 @@ def test_an_nnx_dropout_with_no_rngs_anywhere_is_refused_saying_what_to_change(n
         "give the layer rngs where it is built (e.g. nnx.Dropout(rate, rngs=rngs)), or take "
         "`rngs` in __call__ and pass it to the layer"
     )
+
+
+def test_a_linen_layer_drawing_another_rng_is_refused_saying_what_to_change(no_work):
+    class NoisyNet(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            x = nn.Dense(3)(x.reshape(len(x), -1))
+            return nn.Dropout(0.5, rng_collection="noise", deterministic=not train)(x)
+
+    with pytest.raises(crossbow_jax.ConfigError) as refused:
+        crossbow_jax.train(NoisyNet(), TRAIN, TEST, **RUN)
+    message = str(refused.value)
+    assert 'needs PRNG for "noise"' in message and "\n" not in message
+    assert (
+        "(in training, called as apply(variables, x, train=True, rngs={'dropout': key}" in message
+    )
+    assert message.endswith("; Linen models get one rng, 'dropout', in training only: draw from it")

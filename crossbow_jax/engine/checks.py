@@ -117,10 +117,12 @@ def check_mode(model: Model, sample) -> None:
 
 
 def _hint(model: Model, error: Exception) -> str:
-    """What to change, for an NNX layer left without rngs."""
+    """What to change, for a layer left without the rngs it draws."""
     if isinstance(model, NNXModel) and "rngs" in str(error):
         return ("; give the layer rngs where it is built (e.g. nnx.Dropout(rate, rngs=rngs)), or "
                 "take `rngs` in __call__ and pass it to the layer")  # fmt: skip
+    if isinstance(model, LinenModel) and "needs PRNG" in str(error):
+        return "; Linen models get one rng, 'dropout', in training only: draw from it"
     return ""
 
 
