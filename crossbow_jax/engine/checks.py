@@ -21,7 +21,7 @@ from crossbow_jax.engine.config import ConfigError, TrainConfig
 from crossbow_jax.engine.inputs import Arrays
 from crossbow_jax.engine.plan import Layout
 from crossbow_jax.engine.task import RESERVED, LossFn, MetricsFn, Task
-from crossbow_jax.models.adapters import LinenModel, Model
+from crossbow_jax.models.adapters import LinenModel, Model, NNXModel
 from crossbow_jax.transformation import sma
 from crossbow_jax.transformation.central import FAMILY
 
@@ -61,14 +61,20 @@ def _run_model(model: Model, sample, data: Arrays):
     key = jax.random.PRNGKey(0)
     try:
         params, state = _abstract_variables(model, sample)
-        outputs, _ = jax.eval_shape(
-            lambda p, s, x: model.apply(p, s, x, train=False), params, state, sample
-        )
-        _, new_state = jax.eval_shape(
-            lambda p, s, x: model.apply(p, s, x, train=True, key=key), params, state, sample
-        )
     except Exception as e:  # noqa: BLE001 -- the user's model failed: say so, with its error
         raise ConfigError(f"{where}: {_first_line(e)}") from None
+    runs = {}
+    for train in (False, True):
+        try:
+            runs[train] = jax.eval_shape(
+                lambda p, s, x, t=train: model.apply(p, s, x, train=t, key=key if t else None),
+                params, state, sample,
+            )  # fmt: skip
+        except Exception as e:  # noqa: BLE001 -- the user's model failed: say so, with its error
+            mode = "training" if train else "evaluation"
+            raise ConfigError(f"{where}: {_first_line(e)} (in {mode}, called as "
+                              f"{model.call_text(train)}){_hint(model, e)}") from None  # fmt: skip
+    (outputs, _), (_, new_state) = runs[False], runs[True]
     if not isinstance(outputs, jax.ShapeDtypeStruct):
         raise ConfigError(
             f"{model.name} returns a {type(outputs).__name__}; the engine needs one array of "
@@ -93,11 +99,12 @@ def check_parameters(params) -> None:
 
 
 def check_mode(model: Model, sample) -> None:
-    """A Linen model with Dropout or BatchNorm needs a mode keyword, or it trains in one mode."""
+    """A Linen model's Dropout or BatchNorm must differ between training and evaluation (a
+    mode keyword, or Dropout keyed on `self.has_rng('dropout')`), or it trains in one mode."""
     if not isinstance(model, LinenModel) or model.mode is not None:
         return
     try:
-        layers = model.stateful_layers(sample)
+        layers = model.fixed_layers(sample)
     except Exception:  # noqa: BLE001 -- the model does not run at all: `_run_model` says why
         return
     if layers:
@@ -107,6 +114,16 @@ def check_mode(model: Model, sample) -> None:
             "mode; add one (e.g. `def __call__(self, x, train: bool = False)`) and pass it "
             "to the layers, or name yours with mode_keyword="
         )
+
+
+def _hint(model: Model, error: Exception) -> str:
+    """What to change, for a layer left without the rngs it draws."""
+    if isinstance(model, NNXModel) and "rngs" in str(error):
+        return ("; give the layer rngs where it is built (e.g. nnx.Dropout(rate, rngs=rngs)), or "
+                "take `rngs` in __call__ and pass it to the layer")  # fmt: skip
+    if isinstance(model, LinenModel) and "needs PRNG" in str(error):
+        return "; Linen models get one rng, 'dropout', in training only: draw from it"
+    return ""
 
 
 def _abstract_variables(model: Model, sample):

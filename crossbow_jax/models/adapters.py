@@ -12,13 +12,17 @@ Three kinds of model are accepted (`as_model`):
   statistics) and RNG state with `nnx.split`, switched between modes with
   `.train()` / `.eval()` (and, when its `__call__` takes one, the mode
   keyword as for Linen); dropout keys come from the engine, per learner
-  and step.
+  and step. A `__call__` that takes `rngs` (a parameter so named or annotated
+  `nnx.Rngs`, as in Flax's NNX MNIST tutorial) gets a fresh `nnx.Rngs` in
+  training and `rngs=None` in evaluation.
 - a pair `(apply_fn, params)`: `apply_fn(params, x) -> outputs`, a pure
   function with no state and no mode.
 
 Each adapter gives `init(key, x) -> (params, state)`,
 `apply(params, state, x, train=..., key=...) -> (outputs, state)` and
-`variables(params, state)` (the form `TrainResult.params` takes).
+`variables(params, state)` (the form `TrainResult.params` takes). A `__call__`
+that requires a parameter beyond the input which the engine does not pass is
+refused (`ModelError`), naming `mode_keyword=` for a train/eval flag.
 """
 
 from __future__ import annotations
@@ -92,18 +96,41 @@ class LinenModel:
     def variables(self, params, state) -> dict[str, Any]:
         return {"params": params, "batch_stats": state} if state else {"params": params}
 
-    def stateful_layers(self, x) -> list[str]:
-        """Names of the layers whose behaviour depends on the mode (Dropout, BatchNorm)."""
-        found = []
+    def call_text(self, train: bool) -> str:
+        """How the engine calls the module in a mode (for error messages)."""
+        mode = "".join(f", {k}={v}" for k, v in _mode(self.mode, train).items())
+        extra = ", rngs={'dropout': key}, mutable=['batch_stats']" if train else ""
+        return f"apply(variables, x{mode}{extra})"
+
+    def fixed_layers(self, x) -> list[str]:
+        """Names of the Dropout and BatchNorm layers that the engine's training and
+        evaluation calls leave in one mode (`deterministic` / `use_running_average` alike
+        in both): a mode that cannot take effect."""
+        flags: dict[bool, dict] = {True: {}, False: {}}
+        training: list[bool] = []  # the mode of the call being traced; empty in init
 
         def spy(next_fun, args, kwargs, context):
-            if isinstance(context.module, nn.Dropout | nn.BatchNorm):
-                found.append(type(context.module).__name__)
+            layer = context.module
+            if training and isinstance(layer, nn.Dropout | nn.BatchNorm):
+                name = "deterministic" if isinstance(layer, nn.Dropout) else "use_running_average"
+                given = kwargs.get(name, args[1] if len(args) > 1 else None)
+                flag = getattr(layer, name) if given is None else given
+                flags[training[-1]][(type(layer).__name__, layer.scope.path)] = flag
             return next_fun(*args, **kwargs)
 
+        def both(key, x):
+            params, state = self.init(key, x)
+            for train in (True, False):
+                training.append(train)
+                try:  # the flags seen up to a failure count (a Dropout fixed on, wanting a key)
+                    self.apply(params, state, x, train=train, key=key if train else None)
+                except Exception:  # noqa: BLE001, S110 -- `_run_model` reports the failure
+                    pass
+
         with nn.intercept_methods(spy):
-            jax.eval_shape(self.init, jax.random.PRNGKey(0), x)
-        return sorted(set(found))
+            jax.eval_shape(both, jax.random.PRNGKey(0), x)
+        return sorted({kind for (kind, path), flag in flags[True].items()
+                       if flags[False].get((kind, path)) == flag})  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -116,13 +143,14 @@ class NNXModel:
     state: Any  # nnx.State of everything else (BatchNorm statistics, ...)
     name: str = "nnx.Module"
     mode: tuple[str, bool] | None = None  # a mode keyword of __call__, as for Linen
+    call_rngs: str | None = None  # the parameter of __call__ that takes call-time nnx.Rngs
     given = True  # the module arrives initialised
 
     @staticmethod
     def of(module: nnx.Module, mode_keyword: str | None = None) -> NNXModel:
         graphdef, params, rngs, state = nnx.split(module, nnx.Param, nnx.RngState, ...)
-        mode = _call_mode(module, mode_keyword)
-        return NNXModel(graphdef, params, rngs, state, type(module).__name__, mode)
+        mode, call_rngs = _call_form(module, mode_keyword, nnx_rngs=True)
+        return NNXModel(graphdef, params, rngs, state, type(module).__name__, mode, call_rngs)
 
     def init(self, key, x):
         return self.params, self.state
@@ -151,11 +179,28 @@ class NNXModel:
             module.train()
         else:
             module.eval()
-        outputs = module(x, **_mode(self.mode, train))
+        outputs = module(x, **self._keywords(train, key))
         if not train:
             return outputs, state
         *_, new_state = nnx.split(module, nnx.Param, nnx.RngState, ...)
         return outputs, new_state
+
+    def _keywords(self, train: bool, key) -> dict[str, Any]:
+        """The mode keyword, and the call-time rngs: a fresh `nnx.Rngs(key)` (one 'default'
+        stream, which serves every stream name) in training, None in evaluation."""
+        keywords: dict[str, Any] = _mode(self.mode, train)
+        if self.call_rngs is not None:
+            fresh = train and key is not None
+            keywords[self.call_rngs] = nnx.Rngs(key) if fresh else None
+        return keywords
+
+    def call_text(self, train: bool) -> str:
+        """How the engine calls the module in a mode (for error messages)."""
+        keywords = self._keywords(train, None)
+        if self.call_rngs is not None and train:
+            keywords[self.call_rngs] = "nnx.Rngs(key)"
+        given = "".join(f", {k}={v}" for k, v in keywords.items())
+        return f"model.{'train' if train else 'eval'}(); model(x{given})"
 
     def variables(self, params, state) -> Any:
         return nnx.merge_state(params, state) if len(state) else params
@@ -176,6 +221,9 @@ class FunctionModel:
     def apply(self, params, state, x, *, train: bool, key=None):
         return self.apply_fn(params, x), state
 
+    def call_text(self, train: bool) -> str:
+        return "apply_fn(params, x)"
+
     def variables(self, params, state) -> Any:
         return params
 
@@ -195,7 +243,7 @@ def as_model(model: Any, *, mode_keyword: str | None = None) -> Model:
         raise ModelError(f"model is the class {model.__name__}; pass an instance, e.g. "
                          f"{model.__name__}(...)")  # fmt: skip
     if isinstance(model, nn.Module):
-        return LinenModel(model, _call_mode(model, mode_keyword))
+        return LinenModel(model, _call_form(model, mode_keyword, nnx_rngs=False)[0])
     if isinstance(model, nnx.Module):
         return NNXModel.of(model, mode_keyword)
     if mode_keyword is not None:
@@ -230,22 +278,40 @@ def _mode(mode: tuple[str, bool] | None, train: bool) -> dict[str, bool]:
     return {keyword: train != inverted}
 
 
-def _call_mode(module: Any, mode_keyword: str | None) -> tuple[str, bool] | None:
-    """The mode keyword of a module's `__call__`: the one named, else a recognised one."""
-    parameters = inspect.signature(type(module).__call__).parameters
+def _call_form(module: Any, mode_keyword: str | None, *, nnx_rngs: bool):
+    """(the mode keyword of a module's `__call__`: the one named, else a recognised one;
+    for NNX, the parameter that takes call-time `nnx.Rngs`, or None).
+
+    Raises:
+        ModelError: a named keyword it does not take, or a parameter it requires beyond
+            the input that the engine does not pass.
+    """
+    cls = type(module).__name__
+    parameters = dict(list(inspect.signature(type(module).__call__).parameters.items())[1:])
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    mode = None
     if mode_keyword is not None:
-        name, inverted = parse_mode_keyword(mode_keyword)
-        if name not in parameters and not takes_any:
+        mode = parse_mode_keyword(mode_keyword)
+        if mode[0] not in parameters and not takes_any:
+            raise ModelError(f"mode_keyword={mode_keyword!r} but {cls}.__call__ takes no "
+                             f"{mode[0]!r} (it takes {', '.join(parameters)})")  # fmt: skip
+    else:
+        mode = next(((n, inv) for n, inv in MODE_KEYWORDS if n in parameters), None)
+    rngs = None
+    if nnx_rngs:
+        rngs = next((n for n, p in list(parameters.items())[1:]
+                     if n == "rngs" or "Rngs" in str(p.annotation)), None)  # fmt: skip
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    passed = {name for name in (mode and mode[0], rngs) if name}
+    for name, p in list(parameters.items())[1:]:
+        if p.default is p.empty and p.kind not in variadic and name not in passed:
             raise ModelError(
-                f"mode_keyword={mode_keyword!r} but {type(module).__name__}.__call__ takes no "
-                f"{name!r} (it takes {', '.join(p for p in parameters if p != 'self')})"
+                f"{cls}.__call__ requires {name!r}, which the engine does not pass (it passes "
+                f"the input{', its mode keyword' if mode else ''}{', rngs' if rngs else ''}); "
+                f"if {name!r} is the train/eval flag pass mode_keyword={name!r} (or 'not "
+                f"{name}' if it is True in evaluation), else give it a default"
             )
-        return name, inverted
-    for name, inverted in MODE_KEYWORDS:
-        if name in parameters:
-            return name, inverted
-    return None
+    return mode, rngs
 
 
 def import_model(path: str) -> Any:
