@@ -15,7 +15,7 @@ from crossbow_jax.engine.history import Dispatch, History, TrainingDiverged
 from crossbow_jax.engine.plan import Chunk, Clock, Position
 
 TRAIN, TEST = split()
-RUN = {"batch_size": 8, "learners_per_device": 2, "num_devices": 2, "epochs": 1,
+RUN = {"batch_size": 8, "learners_per_device": 2, "num_devices": 2, "epochs": 0.5,
        "steps_per_dispatch": 4, "checkpoint_every": 8, "progress": False}  # fmt: skip
 
 
@@ -72,26 +72,25 @@ def adam_jumping_at(step):
     return optax.adam(optax.piecewise_constant_schedule(1e-3, {step: 1e7}))
 
 
-def test_a_finite_blow_up_keeps_the_last_good_checkpoint_and_the_rule_after_resume(tmp_path):
-    kw = dict(RUN, checkpoint_dir=str(tmp_path))
+def test_a_finite_blow_up_keeps_the_last_good_checkpoint_and_the_start_on_resume(tmp_path):
+    kw = dict(RUN, checkpoint_dir=str(tmp_path), optimizer=adam_jumping_at(8))
     with pytest.raises(TrainingDiverged) as raised:
-        crossbow_jax.train(MLP(), TRAIN, TEST, optimizer=adam_jumping_at(16), **kw)
+        crossbow_jax.train(MLP(), TRAIN, TEST, **kw)
     found = re.fullmatch(
-        r"the training loss rose from (\S+) to [\d,.e+]+ \(over 10x its start\) at step 20 "
-        rf"\(epoch 0.83\); the last good checkpoint \(step 16\) is in {tmp_path}; lower the "
+        r"the training loss rose from (\S+) to [\d,.e+]+ \(over 10x its start\) at step 12 "
+        rf"\(epoch 0.50\); the last good checkpoint \(step 8\) is in {tmp_path}; lower the "
         r"learning rate or alpha; for a loss that may grow, raise divergence_factor \(0: off\)",
         str(raised.value),
     )  # fmt: skip
     assert found, str(raised.value)
-    record = read_record(tmp_path)
-    assert record["step"] == 16 and f"{record['start_loss']:.3g}" == found[1]
-    assert max(row["loss"] for row in record["history"]) < 2 * record["start_loss"]
-    with pytest.raises(TrainingDiverged, match=rf"rose from {found[1]} to .* its start\) at step "
-                                               r"20 "):  # fmt: skip
-        crossbow_jax.train(MLP(), TRAIN, TEST, optimizer=adam_jumping_at(16), resume=True, **kw)
-    result = crossbow_jax.train(MLP(), TRAIN, TEST, optimizer=adam_jumping_at(16), resume=True,
-                                divergence_factor=0, **kw)  # fmt: skip
-    assert result.steps == 24 and result.history[-1]["loss"] > 100 * record["start_loss"]
+    good = read_record(tmp_path)
+    assert good["step"] == 8 and f"{good['start_loss']:.3g}" == found[1]
+    assert max(row["loss"] for row in good["history"]) < 2 * good["start_loss"]
+    # resumed with the rule off (not part of the run's identity), it runs to its end, and
+    # carries the first step's loss on (the rule after a resume: test_a_users_loss_...)
+    result = crossbow_jax.train(MLP(), TRAIN, TEST, resume=True, divergence_factor=0, **kw)
+    assert result.steps == 12 and result.history[-1]["loss"] > 100 * good["start_loss"]
+    assert read_record(tmp_path)["start_loss"] == good["start_loss"]
 
 
 def test_sma_with_alpha_times_k_over_2_ends_in_training_diverged():
