@@ -75,7 +75,7 @@ def adam_jumping_at(step):
 def test_a_finite_blow_up_keeps_the_last_good_checkpoint_and_the_start_on_resume(tmp_path):
     kw = dict(RUN, checkpoint_dir=str(tmp_path), optimizer=adam_jumping_at(8))
     with pytest.raises(TrainingDiverged) as raised:
-        crossbow_jax.train(MLP(), TRAIN, TEST, **kw)
+        crossbow_jax.train(MLP(), TRAIN, **kw)
     found = re.fullmatch(
         r"the training loss rose from (\S+) to [\d,.e+]+ \(over 10x its start\) at step 12 "
         rf"\(epoch 0.50\); the last good checkpoint \(step 8\) is in {tmp_path}; lower the "
@@ -88,7 +88,7 @@ def test_a_finite_blow_up_keeps_the_last_good_checkpoint_and_the_start_on_resume
     assert max(row["loss"] for row in good["history"]) < 2 * good["start_loss"]
     # resumed with the rule off (not part of the run's identity), it runs to its end, and
     # carries the first step's loss on (the rule after a resume: test_a_users_loss_...)
-    result = crossbow_jax.train(MLP(), TRAIN, TEST, resume=True, divergence_factor=0, **kw)
+    result = crossbow_jax.train(MLP(), TRAIN, resume=True, divergence_factor=0, **kw)
     assert result.steps == 12 and result.history[-1]["loss"] > 100 * good["start_loss"]
     assert read_record(tmp_path)["start_loss"] == good["start_loss"]
 
@@ -98,6 +98,6 @@ def test_sma_with_alpha_times_k_over_2_ends_in_training_diverged():
         pytest.warns(UserWarning, match=r"alpha\*k=3 >= 2"),
         pytest.raises(TrainingDiverged, match="the training loss rose from"),
     ):
-        crossbow_jax.train(MLP(), TRAIN, TEST, optimizer=optax.adam(1e-3), alpha=1.5,
+        crossbow_jax.train(MLP(), TRAIN, optimizer=optax.adam(1e-3), alpha=1.5,
                            learners_per_device=2, num_devices=1, batch_size=16,
                            steps_per_dispatch=2, progress=False)  # fmt: skip
