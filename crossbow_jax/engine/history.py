@@ -154,12 +154,13 @@ class History:
             self._check_finite(chunk, losses)
             if chunk.start == 0 and self.start_loss is None:  # the initial model's loss
                 self.start_loss = float(losses[0])
-            self._check_rise(chunk, float(np.mean(losses)))
+            loss = float(np.mean(losses))
+            self._check_rise(chunk, loss)
             images = chunk.length * self.clock.per_step
             self.images += images
             self.samples.append((images, seconds, chunk.length))
             self.step = chunk.end
-            figures = {"loss": float(np.mean(metrics["loss"]))}
+            figures = {"loss": loss}
             figures.update({k: float(np.mean(v)) for k, v in metrics.items() if k != "loss"})
             row = {
                 "step": chunk.end,
