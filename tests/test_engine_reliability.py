@@ -70,6 +70,7 @@ def test_divergence_stops_with_a_clear_message_and_keeps_good_checkpoints(tmp_pa
         checkpoint_every=8,
         checkpoint_dir=str(tmp_path),
         progress=False,
+        divergence_factor=0,  # the NaN check (the finite rise before it: test_divergence.py)
     )
     with pytest.raises(crossbow_jax.TrainingDiverged, match=r"loss became (nan|inf) at step"):
         crossbow_jax.train(MLP(), TRAIN, TEST, optimizer=optax.sgd(lr), **kw)

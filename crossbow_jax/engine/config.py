@@ -177,6 +177,11 @@ class TrainConfig:
         "to reach it (default: none, train all epochs)",
         _L, range=Range(0, high=1, high_in=True), metavar="ACC", identity=False,
     )  # fmt: skip
+    divergence_factor: float = option(
+        10.0, "raise TrainingDiverged when a history row's mean training loss exceeds this "
+        "times its start (docs/usage.md, 'Divergence'); 0: off, for a loss that may grow",
+        _L, range=NON_NEGATIVE, metavar="F", identity=False,
+    )  # fmt: skip
     checkpoint_dir: str | None = option(
         None,
         "the run folder: config.json and orbax checkpoints; the crossbow-jax command also "
@@ -275,6 +280,8 @@ class TrainConfig:
             raise ConfigError(f"lr_milestones={self.lr_milestones} must lie inside (0, epochs)")
         if not self.warmup_epochs < self.epochs:
             raise ConfigError(f"warmup_epochs={self.warmup_epochs} must be in [0, epochs)")
+        if 0 < self.divergence_factor <= 1:
+            raise ConfigError(f"divergence_factor={self.divergence_factor} must be 0 (off) or > 1")
         if self.elastic and not self.resume:
             raise ConfigError("elastic=True changes how a run resumes; it needs resume=True")
         if self.overwrite and (self.resume or not self.checkpoint_dir):

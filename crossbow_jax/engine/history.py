@@ -17,7 +17,8 @@ from crossbow_jax.engine.progress import progress
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The training loss became NaN or infinite, or rose far above its start
+    (`TrainConfig.divergence_factor`)."""
 
 
 class Dispatch(NamedTuple):
@@ -48,6 +49,10 @@ class History:
             decides) and its devices.
         callback: called with every row as it is logged.
         checkpoint_dir: the run folder, named when the run diverges.
+        start_loss: the training loss of the run's first step (the initial model's, before
+            any update), as a resumed run recorded it; None: read at step 0.
+        uniform_loss: the loss of outputs that score every class alike (ln of the number
+            of classes, for the default loss), or None.
     """
 
     def __init__(
@@ -62,9 +67,12 @@ class History:
         devices: int,
         callback: Callable[[dict[str, Any]], None] | None = None,
         checkpoint_dir: str | None = None,
+        start_loss: float | None = None,
+        uniform_loss: float | None = None,
     ):
         self.config, self.rows, self.callback = config, rows, callback
         self.checkpoint_dir = checkpoint_dir
+        self.start_loss, self.uniform_loss = start_loss, uniform_loss
         self.before, self.started = elapsed_before, started
         self.clock = clock
         self.train_seconds, self.images = 0.0, 0
@@ -123,7 +131,8 @@ class History:
             next_one: the note of the dispatch queued after them, if any.
 
         Raises:
-            TrainingDiverged: a loss is NaN or infinite.
+            TrainingDiverged: a step's loss is NaN or infinite, or a row's mean loss is over
+                `config.divergence_factor` times its start (`_check_rise`).
         """
         read = []
         for note in done:
@@ -141,12 +150,17 @@ class History:
             seconds = max(end - self.tick, 1e-6)
             self.train_seconds += seconds
             self.tick = max(self.tick, end)
-            self._check_finite(chunk, np.asarray(metrics["loss"]))
+            losses = np.asarray(metrics["loss"])
+            self._check_finite(chunk, losses)
+            if chunk.start == 0 and self.start_loss is None:  # the initial model's loss
+                self.start_loss = float(losses[0])
+            loss = float(np.mean(losses))
+            self._check_rise(chunk, loss)
             images = chunk.length * self.clock.per_step
             self.images += images
             self.samples.append((images, seconds, chunk.length))
             self.step = chunk.end
-            figures = {"loss": float(np.mean(metrics["loss"]))}
+            figures = {"loss": loss}
             figures.update({k: float(np.mean(v)) for k, v in metrics.items() if k != "loss"})
             row = {
                 "step": chunk.end,
@@ -165,12 +179,31 @@ class History:
         if np.all(np.isfinite(loss)):
             return
         bad = chunk.start + int(np.argmin(np.isfinite(loss))) + 1
+        self._diverged(f"loss became {loss[~np.isfinite(loss)][0]}", bad)
+
+    def _check_rise(self, chunk: Chunk, loss: float) -> None:
+        """Raises when a row's mean loss is over `divergence_factor` x its reference: the
+        larger of the start loss and the uniform loss (those known), when positive."""
+        factor, start, uniform = self.config.divergence_factor, self.start_loss, self.uniform_loss
+        by_start = uniform is None or (start is not None and start >= uniform)
+        reference = start if by_start else uniform
+        if not factor or reference is None or not reference > 0 or not loss > factor * reference:
+            return
+        since = "" if start is None else f"from {start:.3g} "
+        scale = "its start" if by_start else f"{uniform:.3g}, the loss of a uniform guess"
+        grow = "; for a loss that may grow, raise divergence_factor (0: off)"
+        self._diverged(f"the training loss rose {since}to {loss:,.4g} (over {factor:g}x {scale})",
+                       chunk.end, grow)  # fmt: skip
+
+    def _diverged(self, what: str, step: int, other_fix: str = ""):
+        """Raises `TrainingDiverged`: what happened at `step`, the last good checkpoint, the
+        fix."""
         saved = runfolder.checkpoint_steps(self.checkpoint_dir) if self.checkpoint_dir else []
         where = f"; the last good checkpoint (step {saved[-1]}) is in {self.checkpoint_dir}" if (
             saved) else ""  # fmt: skip
         raise TrainingDiverged(
-            f"loss became {loss[~np.isfinite(loss)][0]} at step {bad} (epoch "
-            f"{self.clock.epochs(bad):.2f}){where}; lower the learning rate or alpha"
+            f"{what} at step {step} (epoch {self.clock.epochs(step):.2f}){where}; lower the "
+            f"learning rate or alpha{other_fix}"
         )
 
     def add_evaluation(self, figures: dict[str, float]) -> bool:

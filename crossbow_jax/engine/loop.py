@@ -167,6 +167,8 @@ def fit(
             devices=mesh.size,
             callback=callback,
             checkpoint_dir=checkpointer.directory if checkpointer else None,
+            start_loss=record.get("start_loss") if record else None,
+            uniform_loss=task.uniform_loss(data.num_classes),
         )
         closing.callback(history.close)
         timer = CheckpointTimer(config.checkpoint_minutes if checkpointer else 0.0)
@@ -205,6 +207,7 @@ def fit(
             central = stage.setup.compiler.central_variables(state)
             record = {"step": step, "position": list(stage.setup.clock.position(step)),
                       "history": history.rows, "elapsed": history.elapsed(),
+                      "start_loss": history.start_loss,
                       "run": run_summary(result(central), data)}  # fmt: skip
             checkpointer.save(step, state, record, central)
             timer.saved()

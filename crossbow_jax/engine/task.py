@@ -11,6 +11,7 @@ sequences) are their mean over the positions.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -51,6 +52,11 @@ class Task:
         if self.metrics_fn is not None:
             out.update({k: per_example(v) for k, v in self.metrics_fn(outputs, labels).items()})
         return out
+
+    def uniform_loss(self, classes: int | None) -> float | None:
+        """The default loss of outputs that score `classes` classes alike (ln classes); None
+        for a loss of the user's or labels that are not classes."""
+        return math.log(classes) if self.loss_fn is None and classes else None
 
 
 def per_example(values) -> Any:
