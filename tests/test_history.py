@@ -43,12 +43,14 @@ def test_images_per_second_leaves_out_evaluations_even_when_dispatch_is_synchron
 
 def test_without_a_terminal_progress_is_a_few_plain_lines(capsys, monkeypatch):
     monkeypatch.setattr(progress, "PLAIN_EVERY", 3600.0)
-    crossbow_jax.train(MLP(), TRAIN, TEST, epochs=2, progress=True, **RUN)
+    r = crossbow_jax.train(MLP(), TRAIN, TEST, epochs=2, progress=True, **RUN)
     err = capsys.readouterr().err
     assert "\r" not in err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("sma x2dev: step 48/48 (100%)")
     assert "test_acc" in lines[0]
+    # the progress's images/s is the run's so far: at the end, the result's own figure
+    assert f"img/s {r.images_per_second:.0f} |" in lines[0]
 
 
 def test_plain_progress_writes_at_most_one_line_per_interval():

@@ -226,7 +226,8 @@ class History:
     def _report(self, row: dict[str, Any]) -> None:
         """Shows a finished row (progress display) and hands it to the callback."""
         if self.bar is not None:
-            post = {"img/s": f"{row['images_per_second']:.0f}", "loss": f"{row['loss']:.3f}"}
+            # images/s over the run's training time so far: the figure its result ends with
+            post = {"img/s": f"{self.images_per_second():.0f}", "loss": f"{row['loss']:.3f}"}
             if self.last_accuracy is not None:
                 post["test_acc"] = f"{self.last_accuracy:.4f}"
             self.bar.update(row["step"], post)
