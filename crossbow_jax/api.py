@@ -76,7 +76,8 @@ def train(
     Raises:
         ConfigError: bad settings, model, data or optimiser, or a run folder that
             holds another run or is in use, before any training.
-        TrainingDiverged: the loss became NaN/Inf (the last good checkpoint stays).
+        TrainingDiverged: the loss became NaN/Inf or rose above divergence_factor x its
+            start (the last good checkpoint stays).
         RunInterrupted: SIGTERM or SIGINT (the first Ctrl-C) came; the dispatch in
             flight finished and, with `checkpoint_dir`, its step was saved
             (`.step`, `.folder`); resume=True continues from there.
