@@ -114,6 +114,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     groups: dict[str, Any] = {}
     for field in FIELDS:
         rule = field.metadata
+        if rule.get("cli") is False:  # a setting of Python's `train` alone
+            continue
         if rule["group"] not in groups:
             groups[rule["group"]] = parser.add_argument_group(rule["group"])
         options: dict[str, Any] = {
@@ -254,7 +256,7 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
         raise ConfigError(f"--overwrite needs {folder} DIR, the run folder to start anew")
     if args.checkpoint_every and not args.checkpoint_dir:
         raise ConfigError(f"--checkpoint-every needs {folder} DIR, where checkpoints go")
-    values = {f.name: getattr(args, f.name) for f in FIELDS}
+    values = {f.name: getattr(args, f.name, f.default) for f in FIELDS}
     values.update(overrides)
     return TrainConfig(**values)
 

@@ -19,11 +19,12 @@ import numpy as np
 from crossbow_jax.engine import mapping
 from crossbow_jax.engine.config import ConfigError, TrainConfig
 from crossbow_jax.engine.inputs import Arrays
+from crossbow_jax.engine.optimizers import check_optimizer
+from crossbow_jax.engine.options import one_line
 from crossbow_jax.engine.plan import Layout
 from crossbow_jax.engine.task import RESERVED, LossFn, MetricsFn, Task
+from crossbow_jax.models import get_spec
 from crossbow_jax.models.adapters import LinenModel, Model, NNXModel
-from crossbow_jax.transformation import sma
-from crossbow_jax.transformation.central import FAMILY
 
 DEFAULT_LOSS = "the default loss is softmax cross-entropy on integer class labels"
 
@@ -49,8 +50,9 @@ def check_run(
     check_parameters(params)
     task = _task(config, np.concatenate([data.label_example] * 2), outputs, loss_fn, metrics_fn)
     default = task.classification and loss_fn is None  # labels must index the outputs
-    check_values(data, task, num_outputs=outputs.shape[-1] if default else None)
-    check_optimizer(optimizer, params)
+    named = getattr(model, "registry", None)
+    check_values(data, task, outputs.shape[-1] if default else None, named=named)
+    check_optimizer(optimizer, params, model.variables(params, state))
     return task
 
 
@@ -61,8 +63,10 @@ def _run_model(model: Model, sample, data: Arrays):
     key = jax.random.PRNGKey(0)
     try:
         params, state = _abstract_variables(model, sample)
+    except ZeroDivisionError:
+        raise _empty_layer(model, where) from None
     except Exception as e:  # noqa: BLE001 -- the user's model failed: say so, with its error
-        raise ConfigError(f"{where}: {_first_line(e)}") from None
+        raise ConfigError(f"{where}: {one_line(e)}") from None
     runs = {}
     for train in (False, True):
         try:
@@ -70,9 +74,11 @@ def _run_model(model: Model, sample, data: Arrays):
                 lambda p, s, x, t=train: model.apply(p, s, x, train=t, key=key if t else None),
                 params, state, sample,
             )  # fmt: skip
+        except ZeroDivisionError:
+            raise _empty_layer(model, where) from None
         except Exception as e:  # noqa: BLE001 -- the user's model failed: say so, with its error
             mode = "training" if train else "evaluation"
-            raise ConfigError(f"{where}: {_first_line(e)} (in {mode}, called as "
+            raise ConfigError(f"{where}: {one_line(e)} (in {mode}, called as "
                               f"{model.call_text(train)}){_hint(model, e)}") from None  # fmt: skip
     (outputs, _), (_, new_state) = runs[False], runs[True]
     if not isinstance(outputs, jax.ShapeDtypeStruct):
@@ -86,6 +92,18 @@ def _run_model(model: Model, sample, data: Arrays):
             "or removed by a call, such as sown intermediates); keep them out of training calls"
         )
     return params, state, outputs
+
+
+def _empty_layer(model: Model, where: str) -> ConfigError:
+    """jax's initialisers divide by a layer's input size, 0 when a convolution or pooling
+    leaves nothing: the examples are too small for the model."""
+    name = getattr(model, "registry", None)
+    built = f" ({name} is built for {get_spec(name).input_shape})" if name else ""
+    return ConfigError(
+        f"{where}: a layer's input is empty (ZeroDivisionError in its initialiser): the "
+        f"examples are too small for the model's convolutions and pooling{built}; pass "
+        "larger inputs or pad them"
+    )
 
 
 def check_parameters(params) -> None:
@@ -151,7 +169,7 @@ def _task(config, labels: np.ndarray, outputs, loss_fn, metrics_fn) -> Task:
         try:
             got = jax.eval_shape(fn, outputs, label)
         except Exception as e:  # noqa: BLE001 -- the user's function failed
-            raise ConfigError(f"{name} failed on the model's outputs: {_first_line(e)}") from None
+            raise ConfigError(f"{name} failed on the model's outputs: {one_line(e)}") from None
         values = {"loss": got} if name == "loss_fn" else got
         taken = isinstance(values, dict) and (
             set(values) & set(RESERVED) or any(str(k).startswith("test_") for k in values)
@@ -176,8 +194,12 @@ def _task(config, labels: np.ndarray, outputs, loss_fn, metrics_fn) -> Task:
     return task
 
 
-def check_values(data: Arrays, task: Task, num_outputs: int | None) -> None:
-    """No NaN or infinity in float inputs or labels; class labels in [0, outputs)."""
+def check_values(data: Arrays, task: Task, num_outputs: int | None, named: str | None = None):
+    """No NaN or infinity in float inputs or labels; class labels in [0, outputs), not 1..C.
+
+    A named model (`named`) scores as many classes as the train labels' largest + 1, so
+    train labels running 1..C (0 never used) are refused, and so is a test label beyond.
+    """
     for split, x, y in (("train", data.train_x, data.train_y), ("test", data.test_x, data.test_y)):
         for part, values in (("inputs", x), ("labels", y)):
             if values is not None and np.issubdtype(values.dtype, np.floating):
@@ -188,57 +210,34 @@ def check_values(data: Arrays, task: Task, num_outputs: int | None) -> None:
                         "row before training"
                     )
         if num_outputs is not None and y is not None:
+            _check_zero_based(split, y, num_outputs, named)
             outside = (y < 0) | (y >= num_outputs)
             bad = _first_row(outside)
             if bad is not None:
                 value = np.ravel(y[bad])[np.ravel(outside[bad])][0]
+                fix = (f"the named model {named!r} scores {num_outputs} classes, the train "
+                       "labels' largest + 1: every class needs a train example" if named else
+                       f"the model scores {num_outputs} classes; use labels 0..{num_outputs - 1}"
+                       " or a model with more outputs")  # fmt: skip
                 raise ConfigError(
-                    f"{split} labels row {bad} holds {value}, outside [0, "
-                    f"{num_outputs}): the model scores {num_outputs} classes; use labels "
-                    f"0..{num_outputs - 1} or a model with more outputs"
+                    f"{split} labels row {bad} holds {value}, outside [0, {num_outputs}): {fix}"
                 )
+
+
+def _check_zero_based(split: str, y: np.ndarray, num_outputs: int, named: str | None) -> None:
+    """Refuses class labels that run 1..C (with C their count of values) where they cannot be
+    meant: a named model's train labels (it is sized from them), or C beyond the outputs."""
+    sized_by_them = named and split == "train"
+    if y.size == 0 or y.min() != 1 or not (sized_by_them or y.max() >= num_outputs):
+        return
+    top = int(y.max())
+    if len(np.unique(y)) == top:
+        raise ConfigError(f"{split} labels run 1..{top}; class labels must start at 0: pass y - 1")
 
 
 def _first_row(mask: np.ndarray) -> int | None:
     rows = np.any(mask.reshape(len(mask), -1), axis=1)
     return int(np.argmax(rows)) if rows.any() else None
-
-
-def check_optimizer(optimizer: Any, params: Any) -> None:
-    """The learner optimiser: an optax transformation that `sma` can wrap and initialise on
-    one learner's parameters (so not `sma`/`ssgd` already, nor `optax.lookahead`)."""
-    if optimizer is None:
-        return
-    if not callable(getattr(optimizer, "init", None)) or not callable(
-        getattr(optimizer, "update", None)
-    ):
-        raise ConfigError(
-            f"optimizer must be an optax GradientTransformation, got {type(optimizer).__name__}; "
-            "e.g. optax.adam(1e-3)"
-        )
-    one = jax.tree.map(lambda p: jax.ShapeDtypeStruct((1, *np.shape(p)), p.dtype), params)
-    try:
-        state = jax.eval_shape(sma(optimizer).init, one)
-    except Exception as e:  # noqa: BLE001 -- the user's optimiser failed on the model
-        text = _first_line(e)
-        if "lookahead" in text:
-            raise ConfigError(str(e)) from None
-        if "learner ax" in text:  # sma or ssgd inside: met parameters without a learner axis
-            raise ConfigError(f"optimizer contains a crossbow_jax.sma or ssgd; {_WRAPS}") from None
-        raise ConfigError(
-            f"optimizer cannot initialise on the model's parameters: {text}"
-        ) from None
-    found = [type(s).__name__ for s in jax.tree.leaves(state.learner_state, is_leaf=_is_wrapper)
-             if _is_wrapper(s)]  # fmt: skip
-    if found:
-        raise ConfigError(f"optimizer contains a {found[0]}; {_WRAPS}")
-
-
-_WRAPS = "pass the learner optimiser; the engine wraps it (the algorithm option: sma, ssgd, ...)"
-
-
-def _is_wrapper(node) -> bool:
-    return isinstance(node, FAMILY)
 
 
 def memory_limit(devices) -> tuple[int, int] | None:
@@ -336,8 +335,3 @@ def _size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n} bytes"
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]

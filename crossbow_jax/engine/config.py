@@ -263,6 +263,11 @@ class TrainConfig:
         "found); 'not NAME' for one that is True in evaluation (default: found)",
         _M, metavar="NAME",
     )  # fmt: skip
+    unscaled_images: bool = option(
+        False, "take float (N, H, W, C) images beyond 0..1 (e.g. 0..255) as they are, for a "
+        "model that scales them itself (default: refused; pass x / 255.0)", _M, identity=False,
+        cli=False,  # the shell's data sets are uint8
+    )  # fmt: skip
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # NumPy scalars, 0/1 flags, paths: plain values

@@ -54,6 +54,11 @@ def _pair(value: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
         )
     x, y = np.asarray(value[0]), np.asarray(value[1])
     x = as_model_layout(x)
+    if x.ndim == 4 and x.shape[1] in CHANNELS and x.shape[3] not in CHANNELS:
+        raise ConfigError(
+            f"{what} inputs look channels-first (N, C, H, W) = {x.shape}; crossbow_jax "
+            "expects NHWC: pass x.transpose(0, 2, 3, 1)"
+        )
     if x.ndim < 2:
         raise ConfigError(
             f"{what} inputs have shape {x.shape}; use (N, H, W, C) images, (N, features) "
@@ -67,6 +72,9 @@ def _pair(value: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
     if len(x) == 0:
         raise ConfigError(f"{what} set is empty")
     return as_engine_dtype(x, what, "inputs"), as_engine_dtype(y, what, "labels")
+
+
+CHANNELS = (1, 3, 4)  # the channel counts of images (grey, RGB, RGBA)
 
 
 def as_model_layout(x: np.ndarray) -> np.ndarray:
@@ -110,9 +118,20 @@ def _fits_int32(a: np.ndarray, what: str, part: str) -> None:
 
 
 def resolve_data(
-    train: Any, test: Any, *, data_dir: str | None = None, augment: str | None = None
+    train: Any,
+    test: Any,
+    *,
+    data_dir: str | None = None,
+    augment: str | None = None,
+    unscaled_images: bool = False,
 ) -> Arrays:
-    """Loads a named dataset or checks user arrays; fails before any work."""
+    """Loads a named dataset or checks user arrays; fails before any work.
+
+    Both splits of user arrays go through the one `Preprocess` made from the
+    training split (`for_arrays`), so they must agree in dtype and scale
+    (`check_same_scale`); float images at 0..255 are refused unless
+    `unscaled_images`.
+    """
     if isinstance(train, str):
         from crossbow_jax import data as datasets
 
@@ -122,6 +141,11 @@ def resolve_data(
             raise ConfigError(
                 f"test={test!r} differs from train={train!r}; a named dataset "
                 "brings its own test split"
+            )
+        if unscaled_images:
+            raise ConfigError(
+                f"unscaled_images=True is for float image arrays; the data set {train!r} "
+                "is uint8 pixels, scaled and normalised for you: leave it False"
             )
         spec = datasets.DATASETS.get(train)
         if spec is not None and spec.kind == "stream":
@@ -141,6 +165,8 @@ def resolve_data(
 
     x, y = _pair(train, "train")
     tx = ty = None
+    if isinstance(test, str):
+        raise ConfigError(_NAMED_TEST.format(name=test))
     if test is not None:
         tx, ty = _pair(test, "test")
         if tx.shape[1:] != x.shape[1:]:
@@ -154,15 +180,81 @@ def resolve_data(
                 f"need the same label shape per example (reshape the test labels to "
                 f"{(len(ty), *y.shape[1:])})"
             )
-    num_classes = None  # of integer labels: the largest + 1 (for the named models)
+    check_same_scale(x, tx, unscaled_images)
+    num_classes = None  # of integer train labels: the largest + 1 (for the named models)
     if np.issubdtype(y.dtype, np.integer):
-        num_classes = int(max(y.max(), ty.max() if ty is not None else 0)) + 1
+        num_classes = int(y.max()) + 1
     if augment is not None and augment not in AUGMENTATIONS:
         choices = ", ".join(repr(a) for a in (None, *AUGMENTATIONS))
         raise ConfigError(f"augment={augment!r} is not one of {choices}")
     if augment and x.ndim != 4:
         raise ConfigError("augment='crop_flip' needs (N, H, W, C) images")
     return Arrays("arrays", x, y, tx, ty, num_classes, for_arrays(x, augment))
+
+
+_NAMED_TEST = (
+    "test={name!r} is a string, but train is arrays: a named data set brings its own test "
+    "split only with its own training split (train={name!r}); for arrays pass "
+    "test=(inputs, labels), e.g. ds = crossbow_jax.data.load_dataset({name!r}) and "
+    "test=(ds.test_images, ds.test_labels)"
+)
+
+
+def check_same_scale(x: np.ndarray, tx: np.ndarray | None, unscaled_images: bool) -> None:
+    """Refuses splits that one preprocessing would scale apart, and float images at 0..255.
+
+    The preprocessing is chosen by the training inputs' dtype (uint8: scaled by 1/255 and
+    normalised; others: used as they are) and applied to both splits.
+
+    Raises:
+        ConfigError: dtypes that differ; float splits whose spans differ over 50-fold;
+            float (N, H, W, C) images with values beyond 0..1.5 and none below 0
+            (pixels not divided by 255), unless `unscaled_images`; `unscaled_images`
+            for inputs that are not float images.
+    """
+    if tx is not None and tx.dtype != x.dtype:
+        raise ConfigError(
+            f"train inputs are {_scale(x)} but test inputs are {_scale(tx)}; one "
+            "preprocessing, chosen by the train inputs, serves both splits: give them the "
+            "same dtype and scale (e.g. both uint8, or both x.astype(np.float32) / 255)"
+        )
+    floats = np.issubdtype(x.dtype, np.floating)
+    images = x.ndim == 4 and x.shape[-1] in CHANNELS
+    if unscaled_images and not (floats and images):
+        raise ConfigError(
+            f"unscaled_images=True is for float (N, H, W, C) images, but the train inputs "
+            f"are {x.dtype} of shape {x.shape}; leave it False"
+        )
+    if not floats:
+        return
+    ranges = {split: (float(v.min()), float(v.max())) for split, v in (("train", x), ("test", tx))
+              if v is not None and v.size}  # fmt: skip
+    if not np.isfinite(list(ranges.values())).all():
+        return  # NaN or infinity: `checks.check_values` names the row
+    for split, (low, high) in ranges.items():
+        if images and not unscaled_images and low >= 0 and high > 1.5:
+            raise ConfigError(
+                f"{split} inputs are float images with values {low:g}..{high:g}, used as "
+                "they are: pixels at 0..255 train to chance; pass x / 255.0 (or uint8 pixels, "
+                "scaled and normalised for you), or unscaled_images=True if the model "
+                "scales them itself"
+            )
+    spans = [high - low for low, high in ranges.values()]
+    if len(spans) == 2 and min(spans) > 0 and max(spans) > 50 * min(spans):
+        (a, b), (c, d) = ranges.values()
+        raise ConfigError(
+            f"train inputs span {a:g}..{b:g} but test inputs {c:g}..{d:g}, "
+            f"{max(spans) / min(spans):.0f}x apart; both are used as they are: give them the "
+            "same scale (e.g. divide both by 255, or neither)"
+        )
+
+
+def _scale(x: np.ndarray) -> str:
+    if x.dtype == np.uint8:
+        return "uint8 (pixels: scaled by 1/255, then normalised)"
+    if np.issubdtype(x.dtype, np.floating) and x.size:
+        return f"{x.dtype} (used as they are; values {x.min():g}..{x.max():g})"
+    return f"{x.dtype}"
 
 
 def _streamed(name: str, data_dir: str | None) -> Arrays:
@@ -275,6 +367,15 @@ def resolve(
     """
     # The devices and hosts first: a wrong count fails before a data set is loaded.
     mesh = make_mesh(select_devices(config.num_devices), hosts=resolve_hosts(config))
-    data = resolve_data(train, test, data_dir=data_dir, augment=augment)
+    data = resolve_data(
+        train, test, data_dir=data_dir, augment=augment, unscaled_images=config.unscaled_images
+    )
     module = resolve_model(model, data.num_classes, config.dtype, config.mode_keyword)
+    if isinstance(model, str) and data.example.ndim != 4:
+        shape = models.get_spec(model).input_shape
+        raise ConfigError(
+            f"model {model!r} takes (N, H, W, C) images (it is built for {shape}), but the "
+            f"train inputs have shape (N, {', '.join(map(str, data.example.shape[1:]))}); "
+            f"reshape them, e.g. x.reshape(-1, {', '.join(map(str, shape))})"
+        )
     return Resolved(module, data, mesh)

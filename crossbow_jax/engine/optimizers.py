@@ -1,16 +1,23 @@
 """The optimisers of a run: epoch-counted schedules, the default learner
-optimiser, and the replica-averaging transformation (`sma`, `ssgd`,
-`local_sgd`, `diloco`, `hierarchical`) around the learner optimiser."""
+optimiser, the replica-averaging transformation (`sma`, `ssgd`,
+`local_sgd`, `diloco`, `hierarchical`) around the learner optimiser, and the
+check of a user's learner optimiser before any work (`check_optimizer`)."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from crossbow_jax.engine.config import TrainConfig
+from crossbow_jax.engine.config import ConfigError, TrainConfig
 from crossbow_jax.engine.mapping import DEVICE_AXIS, HOST_AXIS
+from crossbow_jax.engine.options import one_line
 from crossbow_jax.engine.plan import Clock
 from crossbow_jax.transformation import diloco, hierarchical, local_sgd, sma, ssgd
+from crossbow_jax.transformation.central import FAMILY
 
 
 def milestone_steps(config: TrainConfig, clock: Clock) -> list[int | None]:
@@ -88,3 +95,75 @@ def learner_transform(
     if algo == "diloco":
         return diloco(inner, outer_optimizer(config), every=period, axis_name=axes)
     return ssgd(inner, axis_name=axes)
+
+
+def check_optimizer(optimizer: Any, params: Any, variables: Any = None) -> None:
+    """The learner optimiser: an optax transformation that `sma` can wrap, initialise on one
+    learner's parameters and update with `value=` (the learner's loss, as the engine passes
+    it); so not `sma`/`ssgd` already, nor `optax.lookahead`, nor one built (a mask, labels)
+    on the model's whole `variables` rather than its parameters."""
+    if optimizer is None:
+        return
+    if not callable(getattr(optimizer, "init", None)) or not callable(
+        getattr(optimizer, "update", None)
+    ):
+        raise ConfigError(
+            f"optimizer must be an optax GradientTransformation, got {type(optimizer).__name__}; "
+            "e.g. optax.adam(1e-3)"
+        )
+    one = _one_learner(params)
+    try:
+        state = jax.eval_shape(sma(optimizer).init, one)
+    except Exception as e:  # noqa: BLE001 -- the user's optimiser failed on the model
+        text = one_line(e)
+        if "lookahead" in text:
+            raise ConfigError(str(e)) from None
+        if "learner ax" in text:  # sma or ssgd inside: met parameters without a learner axis
+            raise ConfigError(f"optimizer contains a crossbow_jax.sma or ssgd; {_WRAPS}") from None
+        built_on = _variables_fitted(optimizer, variables)
+        if built_on is not None:
+            keys = ", ".join(f"{k!r}: ..." for k in built_on)
+            raise ConfigError(
+                f"the optimizer's mask/labels were built from the whole variables dict {{{keys}}}"
+                "; the optimizer sees variables['params']: build it from variables['params']"
+            ) from None
+        raise ConfigError(
+            f"optimizer cannot initialise on the model's parameters: {text}"
+        ) from None
+    found = [type(s).__name__ for s in jax.tree.leaves(state.learner_state, is_leaf=_is_wrapper)
+             if _is_wrapper(s)]  # fmt: skip
+    if found:
+        raise ConfigError(f"optimizer contains a {found[0]}; {_WRAPS}")
+    loss = jax.ShapeDtypeStruct((1,), np.float32)
+    try:
+        jax.eval_shape(lambda g, s, v: sma(optimizer).update(g, s, g, value=v), one, state, loss)
+    except Exception as e:  # noqa: BLE001 -- the user's optimiser failed on the model
+        raise ConfigError(
+            f"optimizer cannot update the model's parameters: {one_line(e)}; the engine calls "
+            "update(grads, state, params, value=the learner's loss), and no other extra argument"
+        ) from None
+
+
+def _one_learner(tree: Any) -> Any:
+    return jax.tree.map(lambda p: jax.ShapeDtypeStruct((1, *np.shape(p)), p.dtype), tree)
+
+
+def _variables_fitted(optimizer: Any, variables: Any) -> dict | None:
+    """The Linen-style variables ({'params': ...}, with the model state or without) on which
+    `optimizer` initialises, where it does; else None."""
+    if not isinstance(variables, dict) or "params" not in variables:
+        return None
+    for tree in (variables, {"params": variables["params"]}):
+        try:
+            jax.eval_shape(sma(optimizer).init, _one_learner(tree))
+        except Exception:  # noqa: BLE001 -- it fails on these as well
+            continue
+        return tree
+    return None
+
+
+_WRAPS = "pass the learner optimiser; the engine wraps it (the algorithm option: sma, ssgd, ...)"
+
+
+def _is_wrapper(node) -> bool:
+    return isinstance(node, FAMILY)

@@ -29,6 +29,20 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; raised before any training."""
 
 
+def one_line(error: BaseException, limit: int = 600) -> str:
+    """Another error's type and message for a `ConfigError`'s one line: its lines joined
+    while they fit `limit` characters (never cut inside a line, except a first line longer
+    than `limit`)."""
+    lines = [" ".join(line.split()) for line in str(error).splitlines() if line.strip()]
+    text = lines[0][:limit] if lines else ""
+    for line in lines[1:]:
+        if len(text) + 1 + len(line) > limit:
+            text += " ..."
+            break
+        text += " " + line
+    return f"{type(error).__name__}: {text}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Range:
     """The numbers a field accepts: above `low` (or at it, if `low_in`), below `high`."""
@@ -72,7 +86,8 @@ def option(default: Any, help: str, group: str, **rule: Any) -> Any:
             `default_optimizer` (a setting of the default learner optimiser,
             refused together with `optimizer=`); and for the shell only:
             `flags`, `metavar`, `cli_default`, `cli_type` (a parser taking the
-            flag's text).
+            flag's text), `cli` (False: no flag, for a setting of Python's
+            `train` alone).
     """
     if group not in GROUPS:
         raise ValueError(f"group {group!r} is not one of {GROUPS}")

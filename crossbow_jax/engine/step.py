@@ -143,13 +143,15 @@ def train_step(spec: StepSpec, state: TrainState, raw_x, y, reset_steps, key, de
     x = spec.preprocess(raw_x, aug_key)
     keys = jax.random.split(drop_key, spec.layout.learners)
     grads, figures, stats = all_learner_grads(spec, state.params, state.batch_stats, x, y, keys)
-    extra = {}
+    metrics = lax.pmean({k: jnp.mean(v) for k, v in figures.items()}, spec.axis)
+    # optax's extra argument for the loss (`reduce_on_plateau`): each learner's own; SSGD's
+    # one optimiser steps on the mean gradient of all learners, so it gets their mean loss.
+    extra = {"value": metrics["loss"] if spec.algorithm == "ssgd" else figures["loss"]}
     if reset_steps.shape[0]:
         extra["reset_learners"] = jnp.any(reset_steps == state.step)
     updates, opt_state = spec.tx.update(grads, state.opt_state, state.params, **extra)
     params = optax.apply_updates(state.params, updates)
     batch_stats = jax.tree.map(_learners_mean, stats)
-    metrics = lax.pmean({k: jnp.mean(v) for k, v in figures.items()}, spec.axis)
     return TrainState(params, batch_stats, opt_state, state.step + 1), metrics
 
 

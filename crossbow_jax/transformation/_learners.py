@@ -147,11 +147,23 @@ def init_per_learner(inner: optax.GradientTransformation, params: Any) -> Any:
 def update_per_learner(
     inner: optax.GradientTransformationExtraArgs, updates: Any, state: Any, params: Any, **extra
 ) -> tuple[Any, Any]:
-    """`inner.update` for every learner (vmapped); injected hyperparameters kept once."""
+    """`inner.update` for every learner (vmapped); injected hyperparameters kept once.
+
+    `value` (optax's name for the loss, e.g. of `optax.contrib.reduce_on_plateau`) is per
+    learner: shape (m,), each learner's own, or a scalar that every learner gets; other
+    extra arguments go to every learner as they are.
+    """
     axes = learner_axes(state)
-    return jax.vmap(
-        lambda g, s, p: inner.update(g, s, p, **extra), in_axes=(0, axes, 0), out_axes=(0, axes)
-    )(updates, state, params)
+    m = learners_on_device(params)
+    value = extra.pop("value", None)
+    values = None if value is None else jnp.broadcast_to(value, (m,))
+
+    def one(g, s, p, v):
+        return inner.update(g, s, p, **extra, **({} if v is None else {"value": v}))
+
+    return jax.vmap(one, in_axes=(0, axes, 0, 0), out_axes=(0, axes))(
+        updates, state, params, values
+    )
 
 
 def first_learner(tree: Any) -> Any:

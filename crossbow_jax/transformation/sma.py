@@ -130,7 +130,9 @@ def sma(
         learner is moved onto `z` (returned updates are `z - w_j`), this step's
         gradients are not used, and `z` and the learner optimiser states are
         left as they are. The original code did this at each learning-rate drop.
-        Other keyword arguments are passed on to the learner optimiser.
+        Other keyword arguments are passed on to the learner optimiser; `value`
+        (optax's loss argument, e.g. of `optax.contrib.reduce_on_plateau`) is
+        per learner: shape (m,), each learner's own loss, or a scalar for all.
 
     Raises:
         ValueError: alpha <= 0, momentum outside [0, 1), sync_every < 1, or
