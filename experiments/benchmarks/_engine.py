@@ -66,7 +66,8 @@ def measured_execution(model: Any, data, **config: Any) -> dict[str, Any]:
 def per_learner(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
     """`optimizer` applied to each stacked learner on its own: SMA without the averaging."""
 
-    def update(updates, state, params=None):
+    def update(updates, state, params=None, **extra):
+        del extra  # the engine's value= (the loss): the default SGD takes none
         return jax.vmap(optimizer.update)(updates, state, params)
 
     return optax.GradientTransformation(jax.vmap(optimizer.init), update)
