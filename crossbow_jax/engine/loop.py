@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import jax
 import numpy as np
@@ -27,6 +27,7 @@ from crossbow_jax.engine.placement import TestData
 from crossbow_jax.engine.plan import Clock, Position, layout_for, plan_chunks, run_end
 from crossbow_jax.engine.programs import Setup, prepare
 from crossbow_jax.engine.result import TrainResult, result_of_record, run_summary
+from crossbow_jax.engine.stage import CheckpointTimer, compile_stage, run_plan
 from crossbow_jax.engine.task import Task
 from crossbow_jax.models.adapters import Model
 
@@ -64,14 +65,6 @@ class OnlineTuner(Protocol):
 
     def replay(self, report: dict[str, Any]) -> int:
         """Continues from a checkpoint's report; returns the setting to run now."""
-
-
-class _Stage(NamedTuple):
-    """One layout of learners while it runs: its setup and compiled programs."""
-
-    setup: Setup
-    dispatch: dict[int, Any]  # steps -> compiled dispatch program
-    evaluate: Any  # compiled evaluation program (None without a test set)
 
 
 def fit(
@@ -211,7 +204,7 @@ def fit(
 
         interrupt = preemption.Interrupt(signals or closing.enter_context(preemption.Signals()),
                                          save, checkpointer, start.step, config)  # fmt: skip
-        stage, first_sample = _compile(setup, state, test), 0
+        stage, first_sample = compile_stage(setup, state, test), 0
         while True:
             end = run_end(setup.clock, config.epochs)
             stop = tuner.until(position.step, setup.steps_per_dispatch) if (
@@ -220,7 +213,7 @@ def fit(
                                start=position.step, stop=stop)  # fmt: skip
             first_sample = len(history.samples)
             history.learners = m if tuner else None  # rows say which setting ran them
-            state, reached = _run(stage, plan, state, test, history, timer,
+            state, reached = run_plan(stage, plan, state, test, history, timer,
                                   save if checkpointer else None, interrupt)  # fmt: skip
             position = setup.clock.position(plan[-1].end) if plan else position
             if reached or position.step >= end or not (tuner and tuner.deciding):
@@ -231,7 +224,7 @@ def fit(
                     new = prepare(config, model, optimizer, data, mesh, following, task, position,
                                   like=setup)  # fmt: skip
                     resized = new.compiler.resized(state, setup.compiler.spec, min(m, following))
-                    new_stage = _compile(new, resized, test)
+                    new_stage = compile_stage(new, resized, test)
                     tuner.admit(following, new_stage.dispatch[new.steps_per_dispatch])
                 except Exception as error:  # the tuner decides what is fatal
                     following = tuner.failed(following, error)
@@ -294,98 +287,3 @@ def _devices_mean(values):
     if np.issubdtype(values.dtype, np.floating):
         return values.mean(0, keepdims=True).astype(values.dtype)
     return values[:1]
-
-
-def _compile(setup: Setup, state, test) -> _Stage:
-    """A layout's programs: evaluation now, dispatches by length as plans need them."""
-    evaluate = setup.compiler.eval_program(state, test) if test is not None else None
-    return _Stage(setup, _Programs(setup, state), evaluate)
-
-
-class _Programs(dict):
-    """Dispatch programs by length, compiled when first needed."""
-
-    def __init__(self, setup: Setup, state):
-        super().__init__()
-        self.setup, self.like = (
-            setup,
-            jax.tree.map(
-                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state
-            ),
-        )
-
-    def __missing__(self, length: int):
-        setup = self.setup
-        program = setup.compiler.train_program(self.like, setup.train_data, length, setup.unroll)
-        self[length] = program
-        return program
-
-
-def _run(stage: _Stage, plan, state, test, history: History, timer, save, interrupt):
-    """Runs the chunks of `plan`; returns (state, whether the target accuracy was reached).
-
-    `interrupt(signal, step, state)` saves and raises `RunInterrupted` when a signal came
-    (seen before the first dispatch, after compiling, and after every dispatch, once that
-    dispatch's evaluation and checkpoint are done)."""
-    setup = stage.setup
-    for length in sorted({chunk.length for chunk in plan}):  # compile before the clock runs
-        stage.dispatch[length]
-    signum = preemption.poll(interrupt.signals, False)[0] if plan else 0
-    if signum:
-        interrupt(signum, plan[0].start, state)
-    pending, epoch = None, None
-    history.restart_clock()
-    for chunk in plan:
-        if chunk.epoch != epoch:
-            epoch = chunk.epoch
-            setup.train_data.start_epoch(epoch, [c for c in plan if c.epoch == epoch])
-        called_at = time.perf_counter()
-        state, metrics = stage.dispatch[chunk.length](state, *setup.train_data.args(chunk))
-        current = history.dispatched(chunk, metrics, called_at)
-        signum, due = preemption.poll(interrupt.signals, timer.due())  # the same in every process
-        if not (chunk.evaluate or chunk.checkpoint or due or signum or chunk is plan[-1]):
-            if pending:  # the previous dispatch, read one late
-                history.add_dispatches([pending], next_one=current)
-            pending = current
-            continue
-        evaluate_now = chunk.evaluate and test is not None
-        history.add_dispatches([pending, current] if pending else [current],
-                               evaluation_follows=evaluate_now)  # fmt: skip
-        pending = None
-        reached = False
-        if evaluate_now:  # also when a signal came: the resumed run goes on from here
-            reached = history.add_evaluation(evaluate_central(stage.evaluate, state, test))
-        if save and (chunk.checkpoint or due or reached):
-            save(chunk.end, state)
-        if reached:
-            return state, True
-        if signum and chunk is not plan[-1]:  # (at the plan's end: the run ends, or the
-            interrupt(signum, chunk.end, state)  # next plan's first poll stops it)
-        history.restart_clock()
-    return state, False
-
-
-class CheckpointTimer:
-    """When a timed checkpoint is due: `minutes` after the last one (0: never).
-
-    With several processes, a checkpoint is due when any process's clock says so
-    (`preemption.poll`), so that every process saves at the same step.
-    """
-
-    def __init__(self, minutes: float):
-        self.seconds, self.last = minutes * 60, time.monotonic()
-
-    def due(self) -> bool:
-        """This process's clock; `preemption.poll` makes every process agree."""
-        return bool(self.seconds) and time.monotonic() - self.last >= self.seconds
-
-    def saved(self) -> None:
-        self.last = time.monotonic()
-
-
-def evaluate_central(program, state, test: TestData) -> dict[str, float]:
-    """The central model's test figures (mean loss, accuracy, ...) over every test batch."""
-    parts = [mapping.first_device(program(state, *batch)) for batch in test.batches()]
-    totals = {k: sum(float(p[k]) for p in parts) for k in parts[0]}
-    count = max(totals.pop("count"), 1)
-    return {k: v / count for k, v in totals.items()}
