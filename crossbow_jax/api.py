@@ -12,6 +12,7 @@ from typing import Any
 import jax
 
 from crossbow_jax.engine import TrainResult, fit, preemption
+from crossbow_jax.engine.cache import enable_compilation_cache
 from crossbow_jax.engine.checkpoint import Checkpointer
 from crossbow_jax.engine.checks import check_run
 from crossbow_jax.engine.config import make_config, refuse_ignored_options
@@ -95,6 +96,7 @@ def train(
     )
     if isinstance(model, str):  # a bad name fails before the data is loaded
         get_spec(model)
+    enable_compilation_cache()  # before anything compiles (docs/usage.md, "Caches")
     checkpointer = Checkpointer(config.checkpoint_dir, config) if config.checkpoint_dir else None
     with checkpointer or contextlib.nullcontext(), preemption.Signals() as signals:
         module, data, mesh = resolve(config, model, train, test, data_dir=data_dir, augment=augment)

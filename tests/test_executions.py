@@ -235,3 +235,50 @@ def test_a_real_measurement_of_vmap_and_unroll(run, tmp_path):
     again = choose_execution(cfg, model, None, data, mesh, task, learners=2,
                              candidates=CANDIDATES, log=None, cache_dir=str(tmp_path))  # fmt: skip
     assert again["cached"] and again["chosen"] == r["chosen"] and again["seconds"] < r["seconds"]
+
+
+_CACHE_CHECK = """
+import importlib.util, json, os, sys
+import jax
+spec = importlib.util.spec_from_file_location("cache", sys.argv[2])  # alone: a quick start
+cache = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cache)
+enable_compilation_cache = cache.enable_compilation_cache
+def state():
+    return [jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size,
+            jax.config.jax_persistent_cache_min_compile_time_secs]
+os.environ["CROSSBOW_JAX_CACHE"] = sys.argv[1]
+out = {"default": [enable_compilation_cache(), *state()]}
+jax.jit(lambda x: x * 3 + 1).lower(1.0).compile()
+out["written"] = sorted(os.listdir(os.path.join(sys.argv[1], "xla")))
+jax.config.update("jax_compilation_cache_dir", None)
+os.environ["CROSSBOW_JAX_CACHE"] = ""
+out["off"] = [enable_compilation_cache(), jax.config.jax_compilation_cache_dir]
+jax.config.update("jax_compilation_cache_dir", "/the/users/own")
+os.environ["CROSSBOW_JAX_CACHE"] = sys.argv[1]
+out["user"] = [enable_compilation_cache(), jax.config.jax_compilation_cache_dir]
+print(json.dumps(out))
+"""
+
+
+def test_the_compilation_cache_is_on_by_default_off_with_an_empty_folder(tmp_path):
+    """JAX's persistent compilation cache goes to the cache folder's `xla` (every program
+    written), an empty CROSSBOW_JAX_CACHE turns it off, and a folder the user gave JAX
+    stands. In a process of its own: the suite's process keeps its own cache."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}  # fmt: skip
+    folder = str(tmp_path / "cache")
+    from crossbow_jax.engine import cache
+
+    done = subprocess.run([sys.executable, "-c", _CACHE_CHECK, folder, cache.__file__], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.splitlines()[-1])
+    xla = os.path.join(folder, "xla")
+    assert out["default"] == [xla, xla, 4 << 30, 0.0]
+    assert any(name.endswith("-cache") for name in out["written"])  # the program, on disk
+    assert out["off"] == [None, None]
+    assert out["user"] == ["/the/users/own", "/the/users/own"]

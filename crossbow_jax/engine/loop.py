@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
-from crossbow_jax.engine import identity, mapping, preemption, runfolder, traffic
+from crossbow_jax.engine import cache, identity, mapping, preemption, runfolder, traffic
 from crossbow_jax.engine.checkpoint import Checkpointer
 from crossbow_jax.engine.checks import check_run
 from crossbow_jax.engine.config import TrainConfig
@@ -115,6 +115,7 @@ def fit(
         CheckpointError: a checkpoint could not be written (naming the cause).
     """
     started = time.perf_counter() if started is None else started
+    cache.enable_compilation_cache()
     compiled_before = 0.0  # compile seconds of the layouts before the current one
     task = task or check_run(config, model, optimizer, data)
     with contextlib.ExitStack() as closing:

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from crossbow_jax.engine import mapping, step, traffic
+from crossbow_jax.engine import cache, mapping, step, traffic
 from crossbow_jax.engine.checks import check_memory
 from crossbow_jax.engine.config import TrainConfig
 from crossbow_jax.engine.inputs import Arrays
@@ -65,12 +65,14 @@ class Compiler:
         mesh: the device mesh.
         mapper: "shard_map" or "pmap".
         seconds: time spent compiling so far.
+        programs: programs compiled so far; `cached` of them were loaded from
+            JAX's persistent compilation cache (`crossbow_jax.engine.cache`).
         traffic: the all-reduce bytes per step of the last training program.
     """
 
     def __init__(self, spec: step.StepSpec, mesh, mapper: str):
         self.spec, self.mesh, self.mapper = spec, mesh, mapper
-        self.seconds = 0.0
+        self.seconds, self.programs, self.cached = 0.0, 0, 0
         self.traffic = traffic.Traffic({}, {})  # of the last training program compiled
         self._central = None
 
@@ -82,7 +84,7 @@ class Compiler:
     def _compile(self, fn, *args, steps: int = 0):
         """`fn` compiled for `args`; with `steps`, its all-reduce traffic per step is read
         from the traced program into `self.traffic` (`crossbow_jax.engine.traffic`)."""
-        start = time.perf_counter()
+        start, hits = time.perf_counter(), cache.cache_hits()
         if steps and hasattr(fn, "trace"):
             traced = fn.trace(*args)
             self.traffic = traffic.count(traced.jaxpr, steps)
@@ -92,6 +94,7 @@ class Compiler:
                 self.traffic = traffic.count(jax.make_jaxpr(fn)(*args), steps)
             compiled = fn.lower(*args).compile()
         self.seconds += time.perf_counter() - start
+        self.programs, self.cached = self.programs + 1, self.cached + cache.cache_hits() - hits
         return compiled
 
     def init_state(self, seed: int, example: np.ndarray) -> step.TrainState:

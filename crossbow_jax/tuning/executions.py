@@ -23,6 +23,7 @@ import numpy as np
 
 from crossbow_jax.engine import config as config_mod
 from crossbow_jax.engine import options
+from crossbow_jax.engine.cache import default_cache_dir
 from crossbow_jax.engine.config import ConfigError, TrainConfig
 from crossbow_jax.engine.identity import fingerprint
 from crossbow_jax.tuning.measure import MEMORY, OK, OOM, run_trial
@@ -31,16 +32,6 @@ ERROR = "error"  # the candidate raised an XLA error (e.g. it does not compile)
 _STATUSES = (OK, OOM, MEMORY, ERROR)
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "crossbow-jax")
 _WARNED: set[str] = set()  # cache folders already warned about
-
-
-def default_cache_dir() -> str:
-    """The cache folder: `$CROSSBOW_JAX_CACHE` if set ("": no cache), else
-    `$XDG_CACHE_HOME/crossbow_jax`, else `~/.cache/crossbow_jax`.
-    """
-    if (folder := os.environ.get("CROSSBOW_JAX_CACHE")) is not None:
-        return folder
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "crossbow_jax")
 
 
 def default_candidates() -> tuple[str, ...]:
