@@ -12,6 +12,7 @@ from _engine_fixtures import MLP, split
 
 from crossbow_jax.engine.config import ConfigError, TrainConfig
 from crossbow_jax.tuning import executions
+from crossbow_jax.tuning.choice import OnlineExecutions
 from crossbow_jax.tuning.executions import choose_execution, default_cache_dir, format_executions
 from crossbow_jax.tuning.measure import Trial
 
@@ -282,3 +283,91 @@ def test_the_compilation_cache_is_on_by_default_off_with_an_empty_folder(tmp_pat
     assert any(name.endswith("-cache") for name in out["written"])  # the program, on disk
     assert out["off"] == [None, None]
     assert out["user"] == ["/the/users/own", "/the/users/own"]
+
+
+ONLINE = TrainConfig(batch_size=8, learners_per_device=2, num_devices=1, tune_steps=2,
+                     tune_repeats=1, progress=False, epochs=2, eval_every=4)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def online():
+    from crossbow_jax.engine.checks import check_run
+    from crossbow_jax.engine.inputs import resolve
+
+    model, data, mesh = resolve(ONLINE, MLP(), *split(n_train=128, n_test=32))
+    return model, data, mesh, check_run(ONLINE, model, None, data)
+
+
+class Slowed(OnlineExecutions):
+    """The chooser, seeing one candidate's dispatches as 10x slower than they ran (a
+    fake-slow candidate, without sleeping)."""
+
+    def __init__(self, *args, slow: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.slow = slow
+
+    def observe(self, execution, samples, compile_seconds, remaining):
+        if execution == self.slow:
+            samples = [(images, 10 * seconds, steps) for images, seconds, steps in samples]
+        return super().observe(execution, samples, compile_seconds, remaining)
+
+
+def test_the_online_choice_trains_every_step_and_keeps_the_fastest(online, tmp_path):
+    from crossbow_jax.engine import fit
+
+    model, data, mesh, task = online
+    fast = "vmap"
+    chooser = Slowed(ONLINE, model, data, mesh, slow="unroll", candidates=["unroll", "vmap"],
+                     repay=0.0, cache_dir=str(tmp_path), log=None)  # fmt: skip
+    r = fit(ONLINE, model, None, data, mesh, 2, task=task, chooser=chooser)
+    pinned = fit(ONLINE.replace(execution=fast), model, None, data, mesh, 2, task=task)
+    # 8 steps an epoch; unroll (the CPU's default) runs steps 1-4, vmap 5-8, the faster the rest
+    assert r.steps == pinned.steps == 16 and r.history[-1]["epoch"] == pinned.history[-1]["epoch"]
+    assert [h["step"] for h in r.history] == [h["step"] for h in pinned.history]
+    assert [(c["execution"], c["steps"], c["status"]) for c in r.executions["candidates"]] == [
+        ("unroll", 4, "ok"), ("vmap", 4, "ok")]  # fmt: skip
+    assert r.executions["chosen"] == r.config.execution == fast and not r.executions["deciding"]
+    assert r.executions["seconds"] > 0 and r.programs[0] > pinned.programs[0]
+    for got, want in zip(jax.tree.leaves(r.params), jax.tree.leaves(pinned.params)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)  # the same steps
+    assert r.accuracy == pytest.approx(pinned.accuracy, abs=1e-6)
+    stored = json.loads(Path(r.executions["cache_file"]).read_text())
+    assert stored["chosen"] == fast and os.path.dirname(r.executions["cache_file"]) == str(tmp_path)
+    again = OnlineExecutions(ONLINE, model, data, mesh, candidates=["unroll", "vmap"],
+                             cache_dir=str(tmp_path), log=None)  # fmt: skip
+    assert again.start(2) == fast and not again.deciding and again.report()["cached"]
+
+
+@pytest.mark.measure_execution  # the default rule (REPAY), not the suite's
+def test_another_candidate_is_tried_only_when_the_run_can_repay_it(online):
+    model, data, mesh, _ = online
+    samples = [(16, 0.01, 1)] * 4  # 1,600 images/s, 16 images a step: 10 ms a step
+    for remaining, following in ((999, "unroll"), (1001, "vmap")):  # 9.99 s, 10.01 s left
+        chooser = OnlineExecutions(ONLINE, model, data, mesh, candidates=["vmap", "unroll"],
+                                   cache_dir="", log=None)  # fmt: skip
+        assert chooser.start(2) == "unroll" and chooser.deciding  # the CPU's default first
+        assert chooser.observe("unroll", samples, 1.0, remaining) == following  # 10 x 1 s
+        report = chooser.report()
+        assert chooser.deciding == (following == "vmap") and report["seconds"] == 0.0
+    assert report["skipped"] is None
+    skip = OnlineExecutions(ONLINE, model, data, mesh, candidates=["vmap", "unroll"],
+                            cache_dir="", log=None)  # fmt: skip
+    skip.start(2)
+    skip.observe("unroll", samples, 1.0, 999)
+    assert skip.report()["chosen"] == "unroll" and "not measured: vmap" in skip.report()["skipped"]
+
+
+@pytest.mark.measure_execution
+def test_a_short_run_measures_nothing_beyond_its_own_steps(tmp_path, monkeypatch):
+    import crossbow_jax
+
+    monkeypatch.setenv("CROSSBOW_JAX_CACHE", str(tmp_path))
+    train, test = split(n_train=384, n_test=32)
+    r = crossbow_jax.train(MLP(), train, test, batch_size=8, learners_per_device=2,
+                           num_devices=1, epochs=1, tune_steps=2, tune_repeats=1,
+                           progress=False)  # fmt: skip  # 24 steps
+    e = r.executions
+    assert r.steps == 24 and e["mode"] == "online" and r.config.execution == "unroll"
+    assert [c["execution"] for c in e["candidates"]] == ["unroll"] and e["seconds"] == 0.0
+    assert "vmap" in e["skipped"] and "im2col" in e["skipped"] and e["cache_file"] is None
+    assert not list(tmp_path.glob("execution-*.json"))  # a partial choice is not cached

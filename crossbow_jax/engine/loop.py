@@ -27,7 +27,7 @@ from crossbow_jax.engine.placement import TestData
 from crossbow_jax.engine.plan import Clock, Position, layout_for, plan_chunks, run_end
 from crossbow_jax.engine.programs import Setup, prepare
 from crossbow_jax.engine.result import TrainResult, result_of_record, run_summary
-from crossbow_jax.engine.stage import CheckpointTimer, compile_stage, run_plan
+from crossbow_jax.engine.stage import CheckpointTimer, compile_stage, run_plan, stage_with
 from crossbow_jax.engine.task import Task
 from crossbow_jax.models.adapters import Model
 
@@ -67,6 +67,30 @@ class OnlineTuner(Protocol):
         """Continues from a checkpoint's report; returns the setting to run now."""
 
 
+class ExecutionChooser(Protocol):
+    """What `fit` asks of a chooser of the execution that measures it on the run's own steps
+    (`crossbow_jax.tuning.choice.OnlineExecutions`), after the tuner, if any, has decided."""
+
+    deciding: bool  # still measuring candidates
+
+    def start(self, learners: int) -> str:
+        """The execution to start with at this many learners per device."""
+
+    def until(self, step: int, steps_per_dispatch: int) -> int:
+        """The step at which the running candidate (under way at `step`) is observed."""
+
+    def observe(self, execution: str, samples: list[tuple[int, float, int]],
+                compile_seconds: float, remaining: int) -> str:  # fmt: skip
+        """A candidate's (images, seconds, steps) per dispatch, its dispatch programs'
+        compile time and the steps left -> the next execution (the chosen one once decided)."""
+
+    def failed(self, execution: str, error: BaseException) -> str:
+        """A candidate could not be compiled -> the next execution."""
+
+    def report(self) -> dict[str, Any]:
+        """The choice so far (JSON): "chosen", every candidate's figures, "seconds" (cost)."""
+
+
 def fit(
     config: TrainConfig,
     model: Model,
@@ -82,6 +106,7 @@ def fit(
     started: float | None = None,
     tuner: OnlineTuner | None = None,
     signals: preemption.Signals | None = None,
+    chooser: ExecutionChooser | None = None,
 ) -> TrainResult:
     """Trains `learners_per_device` learners on every device of `mesh`; the engine's loop.
 
@@ -105,6 +130,8 @@ def fit(
             `tuner.first()` learners and changes layout between real steps.
         signals: the run's SIGTERM/SIGINT watch (`preemption.Signals`, entered);
             None: one is installed for the loop.
+        chooser: chooses the execution while training (`ExecutionChooser`; with
+            `config.execution="auto"`), once `tuner` has decided.
 
     Returns:
         A `TrainResult`.
@@ -114,9 +141,10 @@ def fit(
             run folder).
         CheckpointError: a checkpoint could not be written (naming the cause).
     """
-    started = time.perf_counter() if started is None else started
+    began = time.perf_counter()
+    started = began if started is None else started
     cache.enable_compilation_cache()
-    compiled_before = 0.0  # compile seconds of the layouts before the current one
+    compilers = []  # of every stage run so far (compile time, programs)
     task = task or check_run(config, model, optimizer, data)
     with contextlib.ExitStack() as closing:
         if checkpointer is None and config.checkpoint_dir:
@@ -128,7 +156,9 @@ def fit(
         if tuner and record and not config.elastic:  # the tuner goes on where it was
             m = tuner.replay(record["run"]["tuning"]) if record["run"].get("tuning") else saved_m
         start = _position(record, data, mesh, config, saved_m)
-        setup = prepare(config, model, optimizer, data, mesh, m, task, start)  # checks memory
+        choosing = chooser and not (tuner and tuner.deciding)  # (else once the tuner decided)
+        run_config = config.replace(execution=chooser.start(m)) if choosing else config
+        setup = prepare(run_config, model, optimizer, data, mesh, m, task, start)  # checks memory
         closing.callback(lambda: setup.train_data.close())
         test = TestData(data, mesh) if data.has_test else None
         state = setup.compiler.init_state(config.seed, data.example)
@@ -168,6 +198,8 @@ def fit(
 
         def result(central) -> TrainResult:
             report = tuner.report() if tuner else tuning
+            choice = chooser.report() if chooser and chooser.learners is not None else None
+            running = stage.setup.compiler.spec.execution
             return TrainResult(
                 params=model.variables(*central),
                 accuracy=history.last_accuracy,
@@ -175,11 +207,14 @@ def fit(
                 time_to_accuracy=history.time_to_accuracy,
                 images_per_second=history.images_per_second(),
                 wall_time=history.elapsed(),
-                compile_time=compiled_before + stage.setup.compiler.seconds,
+                compile_time=sum(c.seconds for c in compilers),
+                programs=(sum(c.programs for c in compilers), sum(c.cached for c in compilers)),
+                setup_time=setup_time,
+                executions=choice,
                 steps=history.step,
                 learners_per_device=m,
                 devices=mesh.size,
-                config=config,
+                config=config.replace(execution=choice["chosen"] if choice else running),
                 tuning=report,
                 test_loss=history.last_loss,
                 preprocess=data.preprocess,
@@ -206,10 +241,15 @@ def fit(
         interrupt = preemption.Interrupt(signals or closing.enter_context(preemption.Signals()),
                                          save, checkpointer, start.step, config)  # fmt: skip
         stage, first_sample = compile_stage(setup, state, test), 0
+        compilers.append(setup.compiler)
+        setup_time = time.perf_counter() - began - setup.compiler.seconds  # placement, restore
+        stages = {}  # execution -> stage, while the chooser measures
         while True:
             end = run_end(setup.clock, config.epochs)
-            stop = tuner.until(position.step, setup.steps_per_dispatch) if (
-                tuner and tuner.deciding) else None  # fmt: skip
+            tuning_now = tuner and tuner.deciding
+            choosing = chooser and chooser.deciding and not tuning_now
+            stop = (tuner.until(position.step, setup.steps_per_dispatch) if tuning_now else
+                    chooser.until(position.step, setup.steps_per_dispatch) if choosing else None)  # fmt: skip
             plan = plan_chunks(setup.clock, end, config, setup.steps_per_dispatch,
                                start=position.step, stop=stop)  # fmt: skip
             first_sample = len(history.samples)
@@ -217,8 +257,14 @@ def fit(
             state, reached = run_plan(stage, plan, state, test, history, timer,
                                   save if checkpointer else None, interrupt)  # fmt: skip
             position = setup.clock.position(plan[-1].end) if plan else position
-            if reached or position.step >= end or not (tuner and tuner.deciding):
+            if reached or position.step >= end or not (tuning_now or choosing):
                 break
+            if choosing:  # the next candidate, or the chosen one, runs the next steps
+                stages[stage.setup.compiler.spec.execution] = stage
+                stage = _next_execution(chooser, stage, stages, state, history.samples[
+                    first_sample:], end - position.step, compilers)  # fmt: skip
+                setup = stage.setup
+                continue
             following = tuner.observe(m, history.samples[first_sample:], setup.compiler.seconds)
             while following != m:
                 try:  # the new layout, compiled before the old one is let go
@@ -233,10 +279,37 @@ def fit(
                         raise
                     continue
                 setup.train_data.close()
-                compiled_before += setup.compiler.seconds
+                compilers.append(new.compiler)
                 setup, stage, state, m = new, new_stage, resized, following
                 history.use(setup.clock, run_end(setup.clock, config.epochs))
+            if chooser and not tuner.deciding:  # m is chosen: now the execution
+                stage = _switch(chooser, stage, {}, state, chooser.start(m), compilers)
+                setup = stage.setup
         return result(stage.setup.compiler.central_variables(state))
+
+
+def _next_execution(chooser, stage, stages, state, samples, remaining, compilers):
+    """The stage of the execution the chooser names after observing the running one."""
+    execution = stage.setup.compiler.spec.execution
+    following = chooser.observe(execution, samples, stage.dispatch.seconds, remaining)
+    chosen = _switch(chooser, stage, stages, state, following, compilers)
+    if not chooser.deciding:
+        stages.clear()  # the others' programs are let go
+    return chosen
+
+
+def _switch(chooser, stage, stages, state, execution, compilers):
+    """The stage that runs `execution` (compiled now, unless it ran before); a candidate
+    that fails to compile is the chooser's to replace."""
+    while execution != stage.setup.compiler.spec.execution and execution not in stages:
+        try:
+            new = stage_with(stage, execution, state)
+        except Exception as error:  # noqa: BLE001 -- the candidate's row; others may run
+            execution = chooser.failed(execution, error)
+            continue
+        compilers.append(new.setup.compiler)
+        return new
+    return stages.get(execution, stage)
 
 
 def _complete(checkpointer: Checkpointer, record, model: Model, config) -> TrainResult:

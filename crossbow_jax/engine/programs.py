@@ -10,6 +10,7 @@ dispatch; the training loop (`loop.py`), the tuner's trials
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from typing import Any, NamedTuple
@@ -177,6 +178,14 @@ class Setup(NamedTuple):
     train_data: TrainData  # the training set placed (or its feeder), resets, key
     steps_per_dispatch: int
     unroll: bool
+
+
+def with_execution(setup: Setup, execution: str) -> Setup:
+    """`setup` with its learners run another way ("vmap", "unroll", "im2col"): a new
+    compiler; the layout, clock, placed data and the state's form are the same."""
+    old = setup.compiler
+    spec = dataclasses.replace(old.spec, execution=execution)
+    return setup._replace(compiler=Compiler(spec, old.mesh, old.mapper))
 
 
 def prepare(

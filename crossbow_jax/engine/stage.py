@@ -17,7 +17,7 @@ import jax
 from crossbow_jax.engine import mapping, preemption
 from crossbow_jax.engine.history import History
 from crossbow_jax.engine.placement import TestData
-from crossbow_jax.engine.programs import Setup
+from crossbow_jax.engine.programs import Setup, with_execution
 
 
 class Stage(NamedTuple):
@@ -34,11 +34,23 @@ def compile_stage(setup: Setup, state, test) -> Stage:
     return Stage(setup, Programs(setup, state), evaluate)
 
 
+def stage_with(stage: Stage, execution: str, state) -> Stage:
+    """`stage` with its learners run another way (`programs.with_execution`): the same
+    state and evaluation program; its full-length dispatch compiled now (so that a
+    candidate that cannot run fails here, before it takes the state)."""
+    setup = with_execution(stage.setup, execution)
+    new = Stage(setup, Programs(setup, state), stage.evaluate)
+    new.dispatch[setup.steps_per_dispatch]
+    return new
+
+
 class Programs(dict):
-    """Dispatch programs by length, compiled when first needed."""
+    """Dispatch programs by length, compiled when first needed (`seconds`: their compile
+    time)."""
 
     def __init__(self, setup: Setup, state):
         super().__init__()
+        self.seconds = 0.0
         self.setup, self.like = (
             setup,
             jax.tree.map(
@@ -47,9 +59,9 @@ class Programs(dict):
         )
 
     def __missing__(self, length: int):
-        setup = self.setup
+        setup, before = self.setup, self.setup.compiler.seconds
         program = setup.compiler.train_program(self.like, setup.train_data, length, setup.unroll)
-        self[length] = program
+        self[length], self.seconds = program, self.seconds + setup.compiler.seconds - before
         return program
 
 
