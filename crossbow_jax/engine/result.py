@@ -138,6 +138,26 @@ class TrainResult:
         )
 
 
+    def fixed_costs(self) -> list[str]:
+        """The run's fixed costs, as the result line prints them: compilation (with the
+        programs loaded from the persistent cache), setup, and how the execution was chosen
+        (with what measuring it on the run's steps cost)."""
+        compiled = f"compile {self.compile_time:.1f} s"
+        if self.programs:
+            compiled += f" ({self.programs[1]} of {self.programs[0]} programs cached)"
+        parts = [compiled] + ([f"setup {self.setup_time:.1f} s"] if self.setup_time else [])
+        e, how = self.executions, ""
+        if e and e.get("cached"):
+            how = " (cached choice)"
+        elif e and len(e.get("candidates") or ()) > 1:
+            how = f" (chosen of {len(e['candidates'])} on the run's steps: {e['seconds']:.1f} s)"
+        elif e and e.get("mode") == "online":  # the default ran: too short to measure others
+            how = " (default: the run was too short to measure others)"
+        elif e:
+            how = " (measured)"
+        return parts + [f"execution {self.config.execution}{how}"]
+
+
 @functools.lru_cache(maxsize=8)
 def _predictor(model: Model, preprocess: Preprocess | None):
     """The jitted outputs of `model` on raw inputs (compiled once per model and input shape)."""
