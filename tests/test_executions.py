@@ -371,3 +371,11 @@ def test_a_short_run_measures_nothing_beyond_its_own_steps(tmp_path, monkeypatch
     assert [c["execution"] for c in e["candidates"]] == ["unroll"] and e["seconds"] == 0.0
     assert "vmap" in e["skipped"] and "im2col" in e["skipped"] and e["cache_file"] is None
     assert not list(tmp_path.glob("execution-*.json"))  # a partial choice is not cached
+
+
+def test_the_online_choice_reads_a_decision_of_tunes_trials(run, tmp_path):
+    model, data, mesh = run
+    choose(run, Fake({"vmap": 300.0, "unroll": 200.0}), tmp_path)  # `tune`'s trials, cached
+    chooser = OnlineExecutions(CFG, model, data, mesh, candidates=CANDIDATES,
+                               cache_dir=str(tmp_path), log=None)  # fmt: skip
+    assert chooser.start(2) == "vmap" and not chooser.deciding and chooser.report()["cached"]

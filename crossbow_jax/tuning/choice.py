@@ -69,7 +69,8 @@ class OnlineExecutions:
     ):
         names = list(dict.fromkeys(default_candidates() if candidates is None else candidates))
         first = resolve_execution("auto", mesh)
-        self.names = sorted(names, key=lambda n: n != first)  # the default first
+        self.names = sorted(names, key=lambda n: n != first)  # tried in this order
+        self.listed = names  # the cache's order (the one `tune`'s trials share)
         self.config, self.model, self.data, self.mesh = config, model, data, mesh
         self.repay = REPAY if repay is None else repay
         self.cache_dir, self.log = cache_dir, log or (lambda line: None)
@@ -84,8 +85,8 @@ class OnlineExecutions:
         nothing is measured) or the first candidate."""
         self.learners = learners
         self.key, self.path = decision_file(self.config, self.model, self.data, self.mesh,
-                                            learners, self.names, self.cache_dir)  # fmt: skip
-        stored = stored_decision(self.path, self.key, self.names)
+                                            learners, self.listed, self.cache_dir)  # fmt: skip
+        stored = stored_decision(self.path, self.key, self.listed)
         if stored:
             self.rows, self.chosen, self.cached = stored["candidates"], stored["chosen"], True
             self.log(f"execution: {self.chosen} (cached in {self.path})")
@@ -147,7 +148,8 @@ class OnlineExecutions:
             return following
         self.deciding, self.chosen, self.running = False, following, following
         if not untried:  # every candidate measured: for the next run
-            record = {"key": self.key, "chosen": following, "candidates": self.rows}
+            rows = sorted(self.rows, key=lambda r: self.listed.index(r["execution"]))
+            record = {"key": self.key, "chosen": following, "candidates": rows}
             self.path = store_decision(self.path, record)
         else:
             self.path = None
