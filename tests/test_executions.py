@@ -306,10 +306,10 @@ class Slowed(OnlineExecutions):
         super().__init__(*args, **kwargs)
         self.slow = slow
 
-    def observe(self, execution, samples, compile_seconds, remaining):
+    def observe(self, execution, samples, compile_seconds, remaining, cold):
         if execution == self.slow:
             samples = [(images, 10 * seconds, steps) for images, seconds, steps in samples]
-        return super().observe(execution, samples, compile_seconds, remaining)
+        return super().observe(execution, samples, compile_seconds, remaining, cold)
 
 
 def test_the_online_choice_trains_every_step_and_keeps_the_fastest(online, tmp_path):
@@ -339,7 +339,7 @@ def test_the_online_choice_trains_every_step_and_keeps_the_fastest(online, tmp_p
 
 
 @pytest.mark.measure_execution  # the default rule (REPAY), not the suite's
-def test_another_candidate_is_tried_only_when_the_run_can_repay_it(online):
+def test_another_candidate_is_tried_only_when_the_run_can_repay_it(online, tmp_path):
     model, data, mesh, _ = online
     samples = [(16, 0.01, 1)] * 4  # 1,600 images/s, 16 images a step: 10 ms a step
     for remaining, following in ((999, "unroll"), (1001, "vmap")):  # 9.99 s, 10.01 s left
@@ -350,11 +350,17 @@ def test_another_candidate_is_tried_only_when_the_run_can_repay_it(online):
         report = chooser.report()
         assert chooser.deciding == (following == "vmap") and report["seconds"] == 0.0
     assert report["skipped"] is None
-    skip = OnlineExecutions(ONLINE, model, data, mesh, candidates=["vmap", "unroll"],
-                            cache_dir="", log=None)  # fmt: skip
-    skip.start(2)
-    skip.observe("unroll", samples, 1.0, 999)
-    assert skip.report()["chosen"] == "unroll" and "not measured: vmap" in skip.report()["skipped"]
+    # A warm run (its programs loaded from the compilation cache in 0.05 s) weighs the cold
+    # compilation an earlier run measured (1 s), not its own.
+    for compiled, cold in ((1.0, True), (0.05, False)):
+        skip = OnlineExecutions(ONLINE, model, data, mesh, candidates=["vmap", "unroll"],
+                                cache_dir=str(tmp_path), log=None)  # fmt: skip
+        skip.start(2)
+        assert skip.observe("unroll", samples, compiled, 999, cold=cold) == "unroll"
+        assert "not measured: vmap" in skip.report()["skipped"] and not skip.deciding
+    assert json.loads(next(tmp_path.glob("compile-*.json")).read_text())["compile_seconds"] == {
+        "unroll": 1.0}  # fmt: skip
+    assert not list(tmp_path.glob("execution-*.json"))  # no decision: vmap was not measured
 
 
 @pytest.mark.measure_execution

@@ -80,9 +80,10 @@ class ExecutionChooser(Protocol):
         """The step at which the running candidate (under way at `step`) is observed."""
 
     def observe(self, execution: str, samples: list[tuple[int, float, int]],
-                compile_seconds: float, remaining: int) -> str:  # fmt: skip
+                compile_seconds: float, remaining: int, cold: bool) -> str:  # fmt: skip
         """A candidate's (images, seconds, steps) per dispatch, its dispatch programs'
-        compile time and the steps left -> the next execution (the chosen one once decided)."""
+        compile time (`cold`: none came from the compilation cache) and the steps left ->
+        the next execution (the chosen one once decided)."""
 
     def failed(self, execution: str, error: BaseException) -> str:
         """A candidate could not be compiled -> the next execution."""
@@ -291,7 +292,9 @@ def fit(
 def _next_execution(chooser, stage, stages, state, samples, remaining, compilers):
     """The stage of the execution the chooser names after observing the running one."""
     execution = stage.setup.compiler.spec.execution
-    following = chooser.observe(execution, samples, stage.dispatch.seconds, remaining)
+    programs = stage.dispatch
+    following = chooser.observe(execution, samples, programs.seconds, remaining,
+                                cold=programs.cached == 0)  # fmt: skip
     chosen = _switch(chooser, stage, stages, state, following, compilers)
     if not chooser.deciding:
         stages.clear()  # the others' programs are let go

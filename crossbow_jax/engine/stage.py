@@ -46,11 +46,11 @@ def stage_with(stage: Stage, execution: str, state) -> Stage:
 
 class Programs(dict):
     """Dispatch programs by length, compiled when first needed (`seconds`: their compile
-    time)."""
+    time; `cached`: how many were loaded from the persistent compilation cache)."""
 
     def __init__(self, setup: Setup, state):
         super().__init__()
-        self.seconds = 0.0
+        self.seconds, self.cached = 0.0, 0
         self.setup, self.like = (
             setup,
             jax.tree.map(
@@ -59,9 +59,11 @@ class Programs(dict):
         )
 
     def __missing__(self, length: int):
-        setup, before = self.setup, self.setup.compiler.seconds
+        setup = self.setup
+        before, hits = setup.compiler.seconds, setup.compiler.cached
         program = setup.compiler.train_program(self.like, setup.train_data, length, setup.unroll)
         self[length], self.seconds = program, self.seconds + setup.compiler.seconds - before
+        self.cached += setup.compiler.cached - hits
         return program
 
 

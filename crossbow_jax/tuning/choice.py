@@ -11,19 +11,26 @@ steps on the same state, and so on; the fastest runs the rest of the run. No
 step is thrown away: every step counts toward the epochs.
 
 A candidate is tried only when the run's remaining time (at the fastest speed
-measured so far) exceeds `repay` (default `REPAY`) times the longest
-compilation of a candidate measured so far: trying costs about one
-compilation, and then a candidate that is `1 / repay` (10%) faster repays it.
-A short run thus measures nothing beyond its own steps. The decision is
-written to the execution cache (`crossbow_jax.tuning.executions`) only when
-every candidate was measured.
+measured so far) exceeds `repay` (default `REPAY`) times its compilation:
+trying costs about one compilation, and then a candidate that is `1 / repay`
+(10%) faster repays it. A short run thus measures nothing beyond its own
+steps. The compilation counted is a cold one (programs loaded from JAX's
+persistent cache take a fraction of it): each candidate's cold compile time
+is kept beside the decisions (`compile-*.json`), and a candidate not yet
+compiled cold anywhere is estimated by the longest cold one known. The
+decision is written to the execution cache (`crossbow_jax.tuning.executions`)
+only when every candidate was measured.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import jax
 
 from crossbow_jax.engine.config import TrainConfig
 from crossbow_jax.engine.programs import resolve_execution
@@ -79,6 +86,7 @@ class OnlineExecutions:
         self.deciding, self.cached, self.since = False, False, None
         self.remaining, self.per_step = 0, 0.0  # steps left, images per step (last observed)
         self.running = self.names[0]
+        self.cold: dict[str, float] = {}  # execution -> its cold compile seconds (known)
 
     def start(self, learners: int) -> str:
         """The execution to start with at `learners` per device: the cached decision (then
@@ -87,6 +95,7 @@ class OnlineExecutions:
         self.key, self.path = decision_file(self.config, self.model, self.data, self.mesh,
                                             learners, self.listed, self.cache_dir)  # fmt: skip
         stored = stored_decision(self.path, self.key, self.listed)
+        self.cold = share(self._read_cold() if jax.process_index() == 0 else {})
         if stored:
             self.rows, self.chosen, self.cached = stored["candidates"], stored["chosen"], True
             self.log(f"execution: {self.chosen} (cached in {self.path})")
@@ -103,11 +112,15 @@ class OnlineExecutions:
 
     def observe(
         self, execution: str, samples: list[tuple[int, float, int]], compile_seconds: float,
-        remaining: int,
+        remaining: int, cold: bool = True,
     ) -> str:  # fmt: skip
         """A candidate's (images, seconds, steps) per dispatch, the compile time of its
-        dispatch programs and the steps left -> the execution to run next."""
+        dispatch programs (`cold`: none loaded from the compilation cache) and the steps
+        left -> the execution to run next."""
         self.since = None
+        if cold:
+            self.cold[execution] = compile_seconds
+            self._write_cold()
         speed = windows_throughput([(i, t) for i, t, _ in samples], self.config.tune_repeats + 1)
         steps = sum(n for _, _, n in samples)
         self.remaining, self.per_step = remaining, sum(i for i, _, _ in samples) / max(steps, 1)
@@ -136,7 +149,8 @@ class OnlineExecutions:
         following = best["execution"]
         if untried:
             left = self.remaining * self.per_step / best["images_per_second"]
-            compiles = max(r["compile_seconds"] or 0.0 for r in self.rows)
+            measured = max(r["compile_seconds"] or 0.0 for r in self.rows)
+            compiles = self.cold.get(untried[0], max(self.cold.values(), default=measured))
             if left > self.repay * compiles:
                 following = untried[0]
             else:
@@ -156,6 +170,26 @@ class OnlineExecutions:
         for line in format_executions(self.report()).splitlines():
             self.log(line)
         return following
+
+    def _cold_file(self) -> str | None:
+        """Where the cold compile times go: beside the decision, `compile-<digest>.json`."""
+        if not self.path:
+            return None
+        folder, name = os.path.split(self.path)
+        return os.path.join(folder, name.replace("execution-", "compile-", 1))
+
+    def _read_cold(self) -> dict[str, float]:
+        """The cold compile times known for this setting (process 0's file)."""
+        try:
+            with open(self._cold_file()) as f:
+                stored = json.load(f)
+            times = stored["compile_seconds"] if stored["key"] == self.key else {}
+            return {k: float(v) for k, v in times.items() if k in self.names}
+        except (OSError, TypeError, ValueError, KeyError, AttributeError):
+            return {}
+
+    def _write_cold(self) -> None:
+        store_decision(self._cold_file(), {"key": self.key, "compile_seconds": self.cold})
 
     def _best(self) -> dict[str, Any]:
         ok = [r for r in self.rows if r["status"] == "ok"]
