@@ -12,13 +12,14 @@ from typing import Any
 import jax
 
 from crossbow_jax.engine import TrainResult, fit, preemption
+from crossbow_jax.engine.cache import enable_compilation_cache
 from crossbow_jax.engine.checkpoint import Checkpointer
 from crossbow_jax.engine.checks import check_run
 from crossbow_jax.engine.config import make_config, refuse_ignored_options
 from crossbow_jax.engine.inputs import resolve
 from crossbow_jax.models import get_spec
 from crossbow_jax.tuning import choose_learners, report
-from crossbow_jax.tuning.executions import auto_execution
+from crossbow_jax.tuning.choice import OnlineExecutions
 from crossbow_jax.tuning.online import OnlineTuner
 
 
@@ -96,6 +97,7 @@ def train(
     )
     if isinstance(model, str):  # a bad name fails before the data is loaded
         get_spec(model)
+    enable_compilation_cache()  # before anything compiles (docs/usage.md, "Caches")
     checkpointer = Checkpointer(config.checkpoint_dir, config) if config.checkpoint_dir else None
     with checkpointer or contextlib.nullcontext(), preemption.Signals() as signals:
         module, data, mesh = resolve(config, model, train, test, data_dir=data_dir, augment=augment)
@@ -110,14 +112,13 @@ def train(
         resuming = resumed is not None
         if resuming and not config.elastic:  # the run goes on as it was measured and tuned
             saved = checkpointer.latest_record()["run"]
-            if config.execution == "auto":
+            if config.execution == "auto":  # the execution it ran (its choice, once made)
                 config = config.replace(execution=saved["config"]["execution"])
             if m == "auto":
                 config = config.replace(tune_mode=(saved.get("tuning") or {}).get("mode", "trials"))
-        config, executions = auto_execution(  # "auto": measured here, or read from the cache
-            config, module, optimizer, data, mesh, task, log=log
-        )
-        preemption.stop_if_signalled(signals, resumed, folder)
+        chooser = None  # "auto": measured on the run's own steps, or read from the cache
+        if config.execution == "auto":
+            chooser = OnlineExecutions(config, module, data, mesh, log=log)
         if m == "auto" and config.tune_mode == "online":
             device = mesh.devices.flat[0]
             tuner = OnlineTuner(
@@ -144,8 +145,8 @@ def train(
             started=started,
             tuner=tuner,
             signals=signals,
+            chooser=chooser,
         )
-        result.executions = executions
         if tuner and config.checkpoint_dir and jax.process_index() == 0:
             report.write_json(result.tuning, os.path.join(config.checkpoint_dir, report.JSON_FILE))
         return result

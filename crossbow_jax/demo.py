@@ -35,8 +35,8 @@ def main() -> int:
     wall = time.perf_counter() - start
     print(f"result: central model test accuracy {result.accuracy:.2%} | "
           f"{result.images_per_second:,.0f} images/s | wall time {wall:.0f} s "
-          f"(compile {result.compile_time:.0f} s, {result.steps} steps, "
-          f"{result.devices} device(s) x {result.learners_per_device} learners)")
+          f"({result.steps} steps, {result.devices} device(s) x {result.learners_per_device} "
+          f"learners) | {' | '.join(result.fixed_costs())}")
     return 0
 
 

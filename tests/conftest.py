@@ -18,6 +18,7 @@ one check that needs XLA's defaults (`_placement_child.py`). `make demo`, the
 benchmarks run by hand and users' runs compile with XLA's defaults.
 """
 
+import math
 import os
 import shutil
 import tempfile
@@ -42,6 +43,7 @@ if _OWN_CACHE:
 
 import pytest
 
+from crossbow_jax.tuning.choice import REPAY as _REPAY
 from crossbow_jax.tuning.executions import choose_execution as _MEASURED
 
 # Files whose tests share a module- or session-scoped fixture (a trained run, fetched
@@ -73,14 +75,16 @@ def _unmeasured(config, *args, learners, **kwargs):
 @pytest.fixture(scope="session", autouse=True)
 def _execution_cache(tmp_path_factory):
     """Every run's execution="auto" goes to a cache of the session's own (never the user's),
-    and is not measured: the suite would spend minutes timing executions. Session-wide, so
+    and is not measured (`tune` keeps unroll; a run keeps the CPU's default, unroll, and
+    tries no other candidate): the suite would spend minutes timing executions. Session-wide, so
     that module- and session-scoped fixtures (set up before any test's own fixtures) are
     covered too; tests marked `measure_execution` get the real measurement back."""
-    from crossbow_jax.tuning import executions
+    from crossbow_jax.tuning import choice, executions
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CROSSBOW_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "execution-cache"))
         patch.setattr(executions, "choose_execution", _unmeasured)
+        patch.setattr(choice, "REPAY", math.inf)  # a run never tries a second candidate
         yield
 
 
@@ -88,6 +92,7 @@ def _execution_cache(tmp_path_factory):
 def _execution_measurements(request, monkeypatch):
     """The tests of the measured choice itself (marked `measure_execution`) measure."""
     if request.node.get_closest_marker("measure_execution"):
-        from crossbow_jax.tuning import executions
+        from crossbow_jax.tuning import choice, executions
 
         monkeypatch.setattr(executions, "choose_execution", _MEASURED)
+        monkeypatch.setattr(choice, "REPAY", _REPAY)

@@ -136,11 +136,13 @@ def test_train_end_to_end_prints_one_result_line_and_writes_the_run_folder(run_f
     assert code == 0, err
     lines = out.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("result: test accuracy ")
-    for part in ("images/s", "wall ", "compile ", "2 devices x 2 learners x batch 8", "8 steps"):
-        assert part in lines[0]
+    for part in ("images/s", "wall ", "compile ", "2 devices x 2 learners x batch 8", "8 steps",
+                 " programs cached) | setup ", "execution unroll (default: the run was too short"):
+        assert part in lines[0]  # fmt: skip
     result = json.loads((folder / "result.json").read_text())
     history = json.loads((folder / "history.json").read_text())
     assert result["steps"] == 8 == history[-1]["step"]
+    assert result["programs"][0] >= result["programs"][1] >= 0 and result["setup_time"] > 0
     assert result["devices"] == 2 and result["learners_per_device"] == 2
     assert result["processes"] == 1 and result["model"] == "lenet"
     assert 0 <= result["accuracy"] <= 1 and result["images_per_second"] > 0

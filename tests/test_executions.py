@@ -12,6 +12,7 @@ from _engine_fixtures import MLP, split
 
 from crossbow_jax.engine.config import ConfigError, TrainConfig
 from crossbow_jax.tuning import executions
+from crossbow_jax.tuning.choice import OnlineExecutions
 from crossbow_jax.tuning.executions import choose_execution, default_cache_dir, format_executions
 from crossbow_jax.tuning.measure import Trial
 
@@ -235,3 +236,152 @@ def test_a_real_measurement_of_vmap_and_unroll(run, tmp_path):
     again = choose_execution(cfg, model, None, data, mesh, task, learners=2,
                              candidates=CANDIDATES, log=None, cache_dir=str(tmp_path))  # fmt: skip
     assert again["cached"] and again["chosen"] == r["chosen"] and again["seconds"] < r["seconds"]
+
+
+_CACHE_CHECK = """
+import importlib.util, json, os, sys
+import jax
+spec = importlib.util.spec_from_file_location("cache", sys.argv[2])  # alone: a quick start
+cache = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cache)
+enable_compilation_cache = cache.enable_compilation_cache
+def state():
+    return [jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size,
+            jax.config.jax_persistent_cache_min_compile_time_secs]
+os.environ["CROSSBOW_JAX_CACHE"] = sys.argv[1]
+out = {"default": [enable_compilation_cache(), *state()]}
+jax.jit(lambda x: x * 3 + 1).lower(1.0).compile()
+out["written"] = sorted(os.listdir(os.path.join(sys.argv[1], "xla")))
+jax.config.update("jax_compilation_cache_dir", None)
+os.environ["CROSSBOW_JAX_CACHE"] = ""
+out["off"] = [enable_compilation_cache(), jax.config.jax_compilation_cache_dir]
+jax.config.update("jax_compilation_cache_dir", "/the/users/own")
+os.environ["CROSSBOW_JAX_CACHE"] = sys.argv[1]
+out["user"] = [enable_compilation_cache(), jax.config.jax_compilation_cache_dir]
+print(json.dumps(out))
+"""
+
+
+def test_the_compilation_cache_is_on_by_default_off_with_an_empty_folder(tmp_path):
+    """JAX's persistent compilation cache goes to the cache folder's `xla` (every program
+    written), an empty CROSSBOW_JAX_CACHE turns it off, and a folder the user gave JAX
+    stands. In a process of its own: the suite's process keeps its own cache."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}  # fmt: skip
+    folder = str(tmp_path / "cache")
+    from crossbow_jax.engine import cache
+
+    done = subprocess.run([sys.executable, "-c", _CACHE_CHECK, folder, cache.__file__], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.splitlines()[-1])
+    xla = os.path.join(folder, "xla")
+    assert out["default"] == [xla, xla, 4 << 30, 0.0]
+    assert any(name.endswith("-cache") for name in out["written"])  # the program, on disk
+    assert out["off"] == [None, None]
+    assert out["user"] == ["/the/users/own", "/the/users/own"]
+
+
+ONLINE = TrainConfig(batch_size=8, learners_per_device=2, num_devices=1, tune_steps=2,
+                     tune_repeats=1, progress=False, epochs=2, eval_every=4)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def online():
+    from crossbow_jax.engine.checks import check_run
+    from crossbow_jax.engine.inputs import resolve
+
+    model, data, mesh = resolve(ONLINE, MLP(), *split(n_train=128, n_test=32))
+    return model, data, mesh, check_run(ONLINE, model, None, data)
+
+
+class Slowed(OnlineExecutions):
+    """The chooser, seeing one candidate's dispatches as 10x slower than they ran (a
+    fake-slow candidate, without sleeping)."""
+
+    def __init__(self, *args, slow: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.slow = slow
+
+    def observe(self, execution, samples, compile_seconds, remaining, cold):
+        if execution == self.slow:
+            samples = [(images, 10 * seconds, steps) for images, seconds, steps in samples]
+        return super().observe(execution, samples, compile_seconds, remaining, cold)
+
+
+def test_the_online_choice_trains_every_step_and_keeps_the_fastest(online, tmp_path):
+    from crossbow_jax.engine import fit
+
+    model, data, mesh, task = online
+    fast = "vmap"
+    chooser = Slowed(ONLINE, model, data, mesh, slow="unroll", candidates=["unroll", "vmap"],
+                     repay=0.0, cache_dir=str(tmp_path), log=None)  # fmt: skip
+    r = fit(ONLINE, model, None, data, mesh, 2, task=task, chooser=chooser)
+    pinned = fit(ONLINE.replace(execution=fast), model, None, data, mesh, 2, task=task)
+    # 8 steps an epoch; unroll (the CPU's default) runs steps 1-4, vmap 5-8, the faster the rest
+    assert r.steps == pinned.steps == 16 and r.history[-1]["epoch"] == pinned.history[-1]["epoch"]
+    assert [h["step"] for h in r.history] == [h["step"] for h in pinned.history]
+    assert [(c["execution"], c["steps"], c["status"]) for c in r.executions["candidates"]] == [
+        ("unroll", 4, "ok"), ("vmap", 4, "ok")]  # fmt: skip
+    assert r.executions["chosen"] == r.config.execution == fast and not r.executions["deciding"]
+    assert r.executions["seconds"] > 0 and r.programs[0] > pinned.programs[0]
+    for got, want in zip(jax.tree.leaves(r.params), jax.tree.leaves(pinned.params)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)  # the same steps
+    assert r.accuracy == pytest.approx(pinned.accuracy, abs=1e-6)
+    stored = json.loads(Path(r.executions["cache_file"]).read_text())
+    assert stored["chosen"] == fast and os.path.dirname(r.executions["cache_file"]) == str(tmp_path)
+    again = OnlineExecutions(ONLINE, model, data, mesh, candidates=["unroll", "vmap"],
+                             cache_dir=str(tmp_path), log=None)  # fmt: skip
+    assert again.start(2) == fast and not again.deciding and again.report()["cached"]
+
+
+@pytest.mark.measure_execution  # the default rule (REPAY), not the suite's
+def test_another_candidate_is_tried_only_when_the_run_can_repay_it(online, tmp_path):
+    model, data, mesh, _ = online
+    samples = [(16, 0.01, 1)] * 4  # 1,600 images/s, 16 images a step: 10 ms a step
+    for remaining, following in ((999, "unroll"), (1001, "vmap")):  # 9.99 s, 10.01 s left
+        chooser = OnlineExecutions(ONLINE, model, data, mesh, candidates=["vmap", "unroll"],
+                                   cache_dir="", log=None)  # fmt: skip
+        assert chooser.start(2) == "unroll" and chooser.deciding  # the CPU's default first
+        assert chooser.observe("unroll", samples, 1.0, remaining) == following  # 10 x 1 s
+        report = chooser.report()
+        assert chooser.deciding == (following == "vmap") and report["seconds"] == 0.0
+    assert report["skipped"] is None
+    # A warm run (its programs loaded from the compilation cache in 0.05 s) weighs the cold
+    # compilation an earlier run measured (1 s), not its own.
+    for compiled, cold in ((1.0, True), (0.05, False)):
+        skip = OnlineExecutions(ONLINE, model, data, mesh, candidates=["vmap", "unroll"],
+                                cache_dir=str(tmp_path), log=None)  # fmt: skip
+        skip.start(2)
+        assert skip.observe("unroll", samples, compiled, 999, cold=cold) == "unroll"
+        assert "not measured: vmap" in skip.report()["skipped"] and not skip.deciding
+    assert json.loads(next(tmp_path.glob("compile-*.json")).read_text())["compile_seconds"] == {
+        "unroll": 1.0}  # fmt: skip
+    assert not list(tmp_path.glob("execution-*.json"))  # no decision: vmap was not measured
+
+
+@pytest.mark.measure_execution
+def test_a_short_run_measures_nothing_beyond_its_own_steps(tmp_path, monkeypatch):
+    import crossbow_jax
+
+    monkeypatch.setenv("CROSSBOW_JAX_CACHE", str(tmp_path))
+    train, test = split(n_train=384, n_test=32)
+    r = crossbow_jax.train(MLP(), train, test, batch_size=8, learners_per_device=2,
+                           num_devices=1, epochs=1, tune_steps=2, tune_repeats=1,
+                           progress=False)  # fmt: skip  # 24 steps
+    e = r.executions
+    assert r.steps == 24 and e["mode"] == "online" and r.config.execution == "unroll"
+    assert [c["execution"] for c in e["candidates"]] == ["unroll"] and e["seconds"] == 0.0
+    assert "vmap" in e["skipped"] and "im2col" in e["skipped"] and e["cache_file"] is None
+    assert not list(tmp_path.glob("execution-*.json"))  # a partial choice is not cached
+
+
+def test_the_online_choice_reads_a_decision_of_tunes_trials(run, tmp_path):
+    model, data, mesh = run
+    choose(run, Fake({"vmap": 300.0, "unroll": 200.0}), tmp_path)  # `tune`'s trials, cached
+    chooser = OnlineExecutions(CFG, model, data, mesh, candidates=CANDIDATES,
+                               cache_dir=str(tmp_path), log=None)  # fmt: skip
+    assert chooser.start(2) == "vmap" and not chooser.deciding and chooser.report()["cached"]

@@ -21,7 +21,8 @@ examples:
   crossbow-jax train ... --output runs/r32 --resume      # same flags: continue the run
 
 The last line printed is the result: the central model's test accuracy,
-images/s, wall time, compile time (and time to --target-accuracy).
+images/s, wall time, the fixed costs (compile time and the programs loaded from the
+compilation cache, setup, how the execution was chosen) and time to --target-accuracy.
 Exit codes: 0 done, 1 training diverged, 2 bad input or a run folder that cannot
 be used (one 'error:' line), 143 SIGTERM and 130 Ctrl-C (the step reached is saved
 in --output first; a second Ctrl-C stops at once).
@@ -81,6 +82,8 @@ def summary(result, **extra: Any) -> dict[str, Any]:
         "images_per_second",
         "wall_time",
         "compile_time",
+        "programs",
+        "setup_time",
         "steps",
         "learners_per_device",
         "devices",
@@ -123,7 +126,6 @@ def result_line(result) -> str:
         else f"test accuracy {result.accuracy:.4f} (central model)",
         f"{result.images_per_second:,.0f} images/s",
         f"wall {result.wall_time:.1f} s",
-        f"compile {result.compile_time:.1f} s",
     ]
     if cfg.target_accuracy is not None:
         tta = result.time_to_accuracy
@@ -142,7 +144,5 @@ def result_line(result) -> str:
     if result.all_reduce_bytes:
         split = ", ".join(f"{_bytes(v)} {k}" for k, v in sorted(result.all_reduce_bytes.items()))
         parts.append(f"all-reduce {split} per step")
-    auto = " (measured)" if result.executions and not result.executions.get("cached") else ""
-    auto = " (cached choice)" if result.executions and result.executions.get("cached") else auto
-    parts.append(f"execution {cfg.execution}{auto}")
-    return "result: " + " | ".join(parts)
+    costs = result.fixed_costs()  # compile (cached programs), setup; the execution's choice
+    return "result: " + " | ".join(parts[:3] + costs[:-1] + parts[3:] + costs[-1:])

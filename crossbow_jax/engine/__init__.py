@@ -5,7 +5,8 @@
 - `programs.py`: those functions mapped over the devices and compiled;
   `prepare` readies one layout of learners.
 - `loop.py`: `fit`, the host loop (plan, dispatch, metrics one dispatch
-  late, evaluation, checkpoints); `history.py`: its rows and progress;
+  late, evaluation, checkpoints); `stage.py`: one layout's compiled programs and
+  the run of a plan's dispatches; `history.py`: its rows and progress;
   `result.py`: `TrainResult` and `load_run`.
 - `checks.py`, `task.py`: everything checked before any work, and the
   loss and figures of the run.

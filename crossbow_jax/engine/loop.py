@@ -12,12 +12,12 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import jax
 import numpy as np
 
-from crossbow_jax.engine import identity, mapping, preemption, runfolder, traffic
+from crossbow_jax.engine import cache, identity, mapping, preemption, runfolder, traffic
 from crossbow_jax.engine.checkpoint import Checkpointer
 from crossbow_jax.engine.checks import check_run
 from crossbow_jax.engine.config import TrainConfig
@@ -27,6 +27,7 @@ from crossbow_jax.engine.placement import TestData
 from crossbow_jax.engine.plan import Clock, Position, layout_for, plan_chunks, run_end
 from crossbow_jax.engine.programs import Setup, prepare
 from crossbow_jax.engine.result import TrainResult, result_of_record, run_summary
+from crossbow_jax.engine.stage import CheckpointTimer, compile_stage, run_plan, stage_with
 from crossbow_jax.engine.task import Task
 from crossbow_jax.models.adapters import Model
 
@@ -66,12 +67,29 @@ class OnlineTuner(Protocol):
         """Continues from a checkpoint's report; returns the setting to run now."""
 
 
-class _Stage(NamedTuple):
-    """One layout of learners while it runs: its setup and compiled programs."""
+class ExecutionChooser(Protocol):
+    """What `fit` asks of a chooser of the execution that measures it on the run's own steps
+    (`crossbow_jax.tuning.choice.OnlineExecutions`), after the tuner, if any, has decided."""
 
-    setup: Setup
-    dispatch: dict[int, Any]  # steps -> compiled dispatch program
-    evaluate: Any  # compiled evaluation program (None without a test set)
+    deciding: bool  # still measuring candidates
+
+    def start(self, learners: int) -> str:
+        """The execution to start with at this many learners per device."""
+
+    def until(self, step: int, steps_per_dispatch: int) -> int:
+        """The step at which the running candidate (under way at `step`) is observed."""
+
+    def observe(self, execution: str, samples: list[tuple[int, float, int]],
+                compile_seconds: float, remaining: int, cold: bool) -> str:  # fmt: skip
+        """A candidate's (images, seconds, steps) per dispatch, its dispatch programs'
+        compile time (`cold`: none came from the compilation cache) and the steps left ->
+        the next execution (the chosen one once decided)."""
+
+    def failed(self, execution: str, error: BaseException) -> str:
+        """A candidate could not be compiled -> the next execution."""
+
+    def report(self) -> dict[str, Any]:
+        """The choice so far (JSON): "chosen", every candidate's figures, "seconds" (cost)."""
 
 
 def fit(
@@ -89,6 +107,7 @@ def fit(
     started: float | None = None,
     tuner: OnlineTuner | None = None,
     signals: preemption.Signals | None = None,
+    chooser: ExecutionChooser | None = None,
 ) -> TrainResult:
     """Trains `learners_per_device` learners on every device of `mesh`; the engine's loop.
 
@@ -112,6 +131,8 @@ def fit(
             `tuner.first()` learners and changes layout between real steps.
         signals: the run's SIGTERM/SIGINT watch (`preemption.Signals`, entered);
             None: one is installed for the loop.
+        chooser: chooses the execution while training (`ExecutionChooser`; with
+            `config.execution="auto"`), once `tuner` has decided.
 
     Returns:
         A `TrainResult`.
@@ -121,8 +142,10 @@ def fit(
             run folder).
         CheckpointError: a checkpoint could not be written (naming the cause).
     """
-    started = time.perf_counter() if started is None else started
-    compiled_before = 0.0  # compile seconds of the layouts before the current one
+    began = time.perf_counter()
+    started = began if started is None else started
+    cache.enable_compilation_cache()
+    compilers = []  # of every stage run so far (compile time, programs)
     task = task or check_run(config, model, optimizer, data)
     with contextlib.ExitStack() as closing:
         if checkpointer is None and config.checkpoint_dir:
@@ -134,7 +157,9 @@ def fit(
         if tuner and record and not config.elastic:  # the tuner goes on where it was
             m = tuner.replay(record["run"]["tuning"]) if record["run"].get("tuning") else saved_m
         start = _position(record, data, mesh, config, saved_m)
-        setup = prepare(config, model, optimizer, data, mesh, m, task, start)  # checks memory
+        choosing = chooser and not (tuner and tuner.deciding)  # (else once the tuner decided)
+        run_config = config.replace(execution=chooser.start(m)) if choosing else config
+        setup = prepare(run_config, model, optimizer, data, mesh, m, task, start)  # checks memory
         closing.callback(lambda: setup.train_data.close())
         test = TestData(data, mesh) if data.has_test else None
         state = setup.compiler.init_state(config.seed, data.example)
@@ -176,6 +201,8 @@ def fit(
 
         def result(central) -> TrainResult:
             report = tuner.report() if tuner else tuning
+            choice = chooser.report() if chooser and chooser.learners is not None else None
+            running = stage.setup.compiler.spec.execution
             return TrainResult(
                 params=model.variables(*central),
                 accuracy=history.last_accuracy,
@@ -183,11 +210,14 @@ def fit(
                 time_to_accuracy=history.time_to_accuracy,
                 images_per_second=history.images_per_second(),
                 wall_time=history.elapsed(),
-                compile_time=compiled_before + stage.setup.compiler.seconds,
+                compile_time=sum(c.seconds for c in compilers),
+                programs=(sum(c.programs for c in compilers), sum(c.cached for c in compilers)),
+                setup_time=setup_time,
+                executions=choice,
                 steps=history.step,
                 learners_per_device=m,
                 devices=mesh.size,
-                config=config,
+                config=config.replace(execution=choice["chosen"] if choice else running),
                 tuning=report,
                 test_loss=history.last_loss,
                 preprocess=data.preprocess,
@@ -214,27 +244,38 @@ def fit(
 
         interrupt = preemption.Interrupt(signals or closing.enter_context(preemption.Signals()),
                                          save, checkpointer, start.step, config)  # fmt: skip
-        stage, first_sample = _compile(setup, state, test), 0
+        stage, first_sample = compile_stage(setup, state, test), 0
+        compilers.append(setup.compiler)
+        setup_time = time.perf_counter() - began - setup.compiler.seconds  # placement, restore
+        stages = {}  # execution -> stage, while the chooser measures
         while True:
             end = run_end(setup.clock, config.epochs)
-            stop = tuner.until(position.step, setup.steps_per_dispatch) if (
-                tuner and tuner.deciding) else None  # fmt: skip
+            tuning_now = tuner and tuner.deciding
+            choosing = chooser and chooser.deciding and not tuning_now
+            stop = (tuner.until(position.step, setup.steps_per_dispatch) if tuning_now else
+                    chooser.until(position.step, setup.steps_per_dispatch) if choosing else None)  # fmt: skip
             plan = plan_chunks(setup.clock, end, config, setup.steps_per_dispatch,
                                start=position.step, stop=stop)  # fmt: skip
             first_sample = len(history.samples)
             history.learners = m if tuner else None  # rows say which setting ran them
-            state, reached = _run(stage, plan, state, test, history, timer,
+            state, reached = run_plan(stage, plan, state, test, history, timer,
                                   save if checkpointer else None, interrupt)  # fmt: skip
             position = setup.clock.position(plan[-1].end) if plan else position
-            if reached or position.step >= end or not (tuner and tuner.deciding):
+            if reached or position.step >= end or not (tuning_now or choosing):
                 break
+            if choosing:  # the next candidate, or the chosen one, runs the next steps
+                stages[stage.setup.compiler.spec.execution] = stage
+                stage = _next_execution(chooser, stage, stages, state, history.samples[
+                    first_sample:], end - position.step, compilers)  # fmt: skip
+                setup = stage.setup
+                continue
             following = tuner.observe(m, history.samples[first_sample:], setup.compiler.seconds)
             while following != m:
                 try:  # the new layout, compiled before the old one is let go
                     new = prepare(config, model, optimizer, data, mesh, following, task, position,
                                   like=setup)  # fmt: skip
                     resized = new.compiler.resized(state, setup.compiler.spec, min(m, following))
-                    new_stage = _compile(new, resized, test)
+                    new_stage = compile_stage(new, resized, test)
                     tuner.admit(following, new_stage.dispatch[new.steps_per_dispatch])
                 except Exception as error:  # the tuner decides what is fatal
                     following = tuner.failed(following, error)
@@ -242,10 +283,39 @@ def fit(
                         raise
                     continue
                 setup.train_data.close()
-                compiled_before += setup.compiler.seconds
+                compilers.append(new.compiler)
                 setup, stage, state, m = new, new_stage, resized, following
                 history.use(setup.clock, run_end(setup.clock, config.epochs))
+            if chooser and not tuner.deciding:  # m is chosen: now the execution
+                stage = _switch(chooser, stage, {}, state, chooser.start(m), compilers)
+                setup = stage.setup
         return result(stage.setup.compiler.central_variables(state))
+
+
+def _next_execution(chooser, stage, stages, state, samples, remaining, compilers):
+    """The stage of the execution the chooser names after observing the running one."""
+    execution = stage.setup.compiler.spec.execution
+    programs = stage.dispatch
+    following = chooser.observe(execution, samples, programs.seconds, remaining,
+                                cold=programs.cached == 0)  # fmt: skip
+    chosen = _switch(chooser, stage, stages, state, following, compilers)
+    if not chooser.deciding:
+        stages.clear()  # the others' programs are let go
+    return chosen
+
+
+def _switch(chooser, stage, stages, state, execution, compilers):
+    """The stage that runs `execution` (compiled now, unless it ran before); a candidate
+    that fails to compile is the chooser's to replace."""
+    while execution != stage.setup.compiler.spec.execution and execution not in stages:
+        try:
+            new = stage_with(stage, execution, state)
+        except Exception as error:  # noqa: BLE001 -- the candidate's row; others may run
+            execution = chooser.failed(execution, error)
+            continue
+        compilers.append(new.setup.compiler)
+        return new
+    return stages.get(execution, stage)
 
 
 def _complete(checkpointer: Checkpointer, record, model: Model, config) -> TrainResult:
@@ -297,98 +367,3 @@ def _devices_mean(values):
     if np.issubdtype(values.dtype, np.floating):
         return values.mean(0, keepdims=True).astype(values.dtype)
     return values[:1]
-
-
-def _compile(setup: Setup, state, test) -> _Stage:
-    """A layout's programs: evaluation now, dispatches by length as plans need them."""
-    evaluate = setup.compiler.eval_program(state, test) if test is not None else None
-    return _Stage(setup, _Programs(setup, state), evaluate)
-
-
-class _Programs(dict):
-    """Dispatch programs by length, compiled when first needed."""
-
-    def __init__(self, setup: Setup, state):
-        super().__init__()
-        self.setup, self.like = (
-            setup,
-            jax.tree.map(
-                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state
-            ),
-        )
-
-    def __missing__(self, length: int):
-        setup = self.setup
-        program = setup.compiler.train_program(self.like, setup.train_data, length, setup.unroll)
-        self[length] = program
-        return program
-
-
-def _run(stage: _Stage, plan, state, test, history: History, timer, save, interrupt):
-    """Runs the chunks of `plan`; returns (state, whether the target accuracy was reached).
-
-    `interrupt(signal, step, state)` saves and raises `RunInterrupted` when a signal came
-    (seen before the first dispatch, after compiling, and after every dispatch, once that
-    dispatch's evaluation and checkpoint are done)."""
-    setup = stage.setup
-    for length in sorted({chunk.length for chunk in plan}):  # compile before the clock runs
-        stage.dispatch[length]
-    signum = preemption.poll(interrupt.signals, False)[0] if plan else 0
-    if signum:
-        interrupt(signum, plan[0].start, state)
-    pending, epoch = None, None
-    history.restart_clock()
-    for chunk in plan:
-        if chunk.epoch != epoch:
-            epoch = chunk.epoch
-            setup.train_data.start_epoch(epoch, [c for c in plan if c.epoch == epoch])
-        called_at = time.perf_counter()
-        state, metrics = stage.dispatch[chunk.length](state, *setup.train_data.args(chunk))
-        current = history.dispatched(chunk, metrics, called_at)
-        signum, due = preemption.poll(interrupt.signals, timer.due())  # the same in every process
-        if not (chunk.evaluate or chunk.checkpoint or due or signum or chunk is plan[-1]):
-            if pending:  # the previous dispatch, read one late
-                history.add_dispatches([pending], next_one=current)
-            pending = current
-            continue
-        evaluate_now = chunk.evaluate and test is not None
-        history.add_dispatches([pending, current] if pending else [current],
-                               evaluation_follows=evaluate_now)  # fmt: skip
-        pending = None
-        reached = False
-        if evaluate_now:  # also when a signal came: the resumed run goes on from here
-            reached = history.add_evaluation(evaluate_central(stage.evaluate, state, test))
-        if save and (chunk.checkpoint or due or reached):
-            save(chunk.end, state)
-        if reached:
-            return state, True
-        if signum and chunk is not plan[-1]:  # (at the plan's end: the run ends, or the
-            interrupt(signum, chunk.end, state)  # next plan's first poll stops it)
-        history.restart_clock()
-    return state, False
-
-
-class CheckpointTimer:
-    """When a timed checkpoint is due: `minutes` after the last one (0: never).
-
-    With several processes, a checkpoint is due when any process's clock says so
-    (`preemption.poll`), so that every process saves at the same step.
-    """
-
-    def __init__(self, minutes: float):
-        self.seconds, self.last = minutes * 60, time.monotonic()
-
-    def due(self) -> bool:
-        """This process's clock; `preemption.poll` makes every process agree."""
-        return bool(self.seconds) and time.monotonic() - self.last >= self.seconds
-
-    def saved(self) -> None:
-        self.last = time.monotonic()
-
-
-def evaluate_central(program, state, test: TestData) -> dict[str, float]:
-    """The central model's test figures (mean loss, accuracy, ...) over every test batch."""
-    parts = [mapping.first_device(program(state, *batch)) for batch in test.batches()]
-    totals = {k: sum(float(p[k]) for p in parts) for k in parts[0]}
-    count = max(totals.pop("count"), 1)
-    return {k: v / count for k, v in totals.items()}

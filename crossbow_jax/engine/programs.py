@@ -10,6 +10,7 @@ dispatch; the training loop (`loop.py`), the tuner's trials
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from typing import Any, NamedTuple
@@ -17,7 +18,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from crossbow_jax.engine import mapping, step, traffic
+from crossbow_jax.engine import cache, mapping, step, traffic
 from crossbow_jax.engine.checks import check_memory
 from crossbow_jax.engine.config import TrainConfig
 from crossbow_jax.engine.inputs import Arrays
@@ -65,12 +66,14 @@ class Compiler:
         mesh: the device mesh.
         mapper: "shard_map" or "pmap".
         seconds: time spent compiling so far.
+        programs: programs compiled so far; `cached` of them were loaded from
+            JAX's persistent compilation cache (`crossbow_jax.engine.cache`).
         traffic: the all-reduce bytes per step of the last training program.
     """
 
     def __init__(self, spec: step.StepSpec, mesh, mapper: str):
         self.spec, self.mesh, self.mapper = spec, mesh, mapper
-        self.seconds = 0.0
+        self.seconds, self.programs, self.cached = 0.0, 0, 0
         self.traffic = traffic.Traffic({}, {})  # of the last training program compiled
         self._central = None
 
@@ -82,7 +85,7 @@ class Compiler:
     def _compile(self, fn, *args, steps: int = 0):
         """`fn` compiled for `args`; with `steps`, its all-reduce traffic per step is read
         from the traced program into `self.traffic` (`crossbow_jax.engine.traffic`)."""
-        start = time.perf_counter()
+        start, hits = time.perf_counter(), cache.cache_hits()
         if steps and hasattr(fn, "trace"):
             traced = fn.trace(*args)
             self.traffic = traffic.count(traced.jaxpr, steps)
@@ -92,6 +95,7 @@ class Compiler:
                 self.traffic = traffic.count(jax.make_jaxpr(fn)(*args), steps)
             compiled = fn.lower(*args).compile()
         self.seconds += time.perf_counter() - start
+        self.programs, self.cached = self.programs + 1, self.cached + cache.cache_hits() - hits
         return compiled
 
     def init_state(self, seed: int, example: np.ndarray) -> step.TrainState:
@@ -174,6 +178,14 @@ class Setup(NamedTuple):
     train_data: TrainData  # the training set placed (or its feeder), resets, key
     steps_per_dispatch: int
     unroll: bool
+
+
+def with_execution(setup: Setup, execution: str) -> Setup:
+    """`setup` with its learners run another way ("vmap", "unroll", "im2col"): a new
+    compiler; the layout, clock, placed data and the state's form are the same."""
+    old = setup.compiler
+    spec = dataclasses.replace(old.spec, execution=execution)
+    return setup._replace(compiler=Compiler(spec, old.mesh, old.mapper))
 
 
 def prepare(

@@ -43,14 +43,19 @@ class TrainResult:
             compilation, evaluation and checkpoints excluded.
         wall_time: seconds for the whole run, data loading excluded.
         compile_time: seconds spent compiling, reported apart.
+        programs: (programs compiled, of which loaded from JAX's persistent
+            compilation cache: `crossbow_jax.engine.cache`).
+        setup_time: seconds before the first step besides compiling: the data
+            placed on the devices, the initial (or restored) state.
         steps: steps taken in all (including before a resume).
         learners_per_device, devices: the layout that ran.
         config: the `TrainConfig` of the run.
         tuning: the auto-tuner's report when `learners_per_device="auto"`
             (chosen setting and throughput curve, docs/tuning.md), else None.
-        executions: with `execution="auto"`, how the execution was chosen: every
-            candidate's measured images/s and the choice, or the cached
-            decision (`crossbow_jax.tuning.executions`); else None.
+        executions: with `execution="auto"`, how the execution was chosen on the
+            run's own steps: every measured candidate's images/s, the choice, what
+            measuring cost ("seconds"), or the cached decision
+            (`crossbow_jax.tuning.choice`); else None.
         all_reduce_bytes: bytes one device all-reduced per training step,
             averaged over the run's steps, by mesh axis: "devices" (with
             hosts: "devices" inside a host, "hosts" across them, "hosts,devices"
@@ -80,6 +85,8 @@ class TrainResult:
     input_shape: tuple[int, ...] | None = None  # one training input, for `predict`
     executions: dict[str, Any] | None = None
     all_reduce_bytes: dict[str, float] | None = None
+    programs: tuple[int, int] | None = None
+    setup_time: float | None = None
 
     def predict(self, x, batch_size: int = PREDICT_BATCH) -> np.ndarray:
         """The central model's outputs on raw inputs like the training data.
@@ -129,6 +136,26 @@ class TrainResult:
             f"  {self.images_per_second:,.0f} images/s, wall {self.wall_time:.1f} s, "
             f"compile {self.compile_time:.1f} s)"
         )
+
+
+    def fixed_costs(self) -> list[str]:
+        """The run's fixed costs, as the result line prints them: compilation (with the
+        programs loaded from the persistent cache), setup, and how the execution was chosen
+        (with what measuring it on the run's steps cost)."""
+        compiled = f"compile {self.compile_time:.1f} s"
+        if self.programs:
+            compiled += f" ({self.programs[1]} of {self.programs[0]} programs cached)"
+        parts = [compiled] + ([f"setup {self.setup_time:.1f} s"] if self.setup_time else [])
+        e, how = self.executions, ""
+        if e and e.get("cached"):
+            how = " (cached choice)"
+        elif e and len(e.get("candidates") or ()) > 1:
+            how = f" (chosen of {len(e['candidates'])} on the run's steps: {e['seconds']:.1f} s)"
+        elif e and e.get("mode") == "online":  # the default ran: too short to measure others
+            how = " (default: the run was too short to measure others)"
+        elif e:
+            how = " (measured)"
+        return parts + [f"execution {self.config.execution}{how}"]
 
 
 @functools.lru_cache(maxsize=8)

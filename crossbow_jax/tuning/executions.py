@@ -23,6 +23,7 @@ import numpy as np
 
 from crossbow_jax.engine import config as config_mod
 from crossbow_jax.engine import options
+from crossbow_jax.engine.cache import default_cache_dir
 from crossbow_jax.engine.config import ConfigError, TrainConfig
 from crossbow_jax.engine.identity import fingerprint
 from crossbow_jax.tuning.measure import MEMORY, OK, OOM, run_trial
@@ -31,16 +32,6 @@ ERROR = "error"  # the candidate raised an XLA error (e.g. it does not compile)
 _STATUSES = (OK, OOM, MEMORY, ERROR)
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "crossbow-jax")
 _WARNED: set[str] = set()  # cache folders already warned about
-
-
-def default_cache_dir() -> str:
-    """The cache folder: `$CROSSBOW_JAX_CACHE` if set ("": no cache), else
-    `$XDG_CACHE_HOME/crossbow_jax`, else `~/.cache/crossbow_jax`.
-    """
-    if (folder := os.environ.get("CROSSBOW_JAX_CACHE")) is not None:
-        return folder
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "crossbow_jax")
 
 
 def default_candidates() -> tuple[str, ...]:
@@ -108,7 +99,31 @@ def _write(path: str, record: dict[str, Any]) -> bool:
     return True
 
 
-def _share(obj: Any) -> Any:
+def decision_file(
+    cfg: TrainConfig, model, data, mesh, learners: int, names, cache_dir=None
+) -> tuple[dict[str, Any], str | None]:
+    """The cache key of a decision and its file (None: no cache; `cache_dir` None:
+    `default_cache_dir()`, "": no cache)."""
+    key = cache_key(cfg, model, data, mesh, learners, names)
+    folder = os.fspath(default_cache_dir() if cache_dir is None else cache_dir)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return key, os.path.join(folder, f"execution-{digest}.json") if folder else None
+
+
+def stored_decision(path: str | None, key, names) -> dict[str, Any] | None:
+    """Process 0's stored decision for `key` (None: none usable), on every process."""
+    return share(_read(path, key, names) if path and jax.process_index() == 0 else None)
+
+
+def store_decision(path: str | None, record: dict[str, Any]) -> str | None:
+    """Process 0 writes `record` ("key", "chosen", "candidates") to `path`; returns the
+    path, or None when there is none or it could not be written (warned once)."""
+    if path and jax.process_index() == 0 and not _write(path, record):
+        return None
+    return path
+
+
+def share(obj: Any) -> Any:
     """Process 0's JSON-able `obj` on every process."""
     if jax.process_count() == 1:
         return obj
@@ -209,11 +224,8 @@ def choose_execution(
     if not names or "auto" in names:
         raise ConfigError(f"execution candidates {names} must be concrete executions, not empty")
     configs = [cfg.replace(execution=name) for name in names]  # unknown ones: ConfigError
-    key = cache_key(cfg, model, data, mesh, learners, names)
-    folder = os.fspath(default_cache_dir() if cache_dir is None else cache_dir)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = os.path.join(folder, f"execution-{digest}.json") if folder else None
-    stored = _share(_read(path, key, names) if path and jax.process_index() == 0 else None)
+    key, path = decision_file(cfg, model, data, mesh, learners, names, cache_dir)
+    stored = stored_decision(path, key, names)
     if stored:
         rows, chosen = stored["candidates"], stored["chosen"]
     else:
@@ -225,10 +237,8 @@ def choose_execution(
                 f"no execution of {', '.join(names)} ran for {learners} learner(s) per device "
                 f"({why})"
             )
-        chosen = _share(max(ok, key=lambda r: r["images_per_second"])["execution"])
-        record = {"key": key, "chosen": chosen, "candidates": rows}
-        if path and jax.process_index() == 0 and not _write(path, record):
-            path = None
+        chosen = share(max(ok, key=lambda r: r["images_per_second"])["execution"])
+        path = store_decision(path, {"key": key, "chosen": chosen, "candidates": rows})
     result = {"chosen": chosen, "learners": learners, "candidates": rows,
               "cached": stored is not None, "cache_file": path, "key": key,
               "seconds": time.perf_counter() - t0}  # fmt: skip

@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 
+from crossbow_jax.engine.cache import enable_compilation_cache
 from crossbow_jax.engine.checks import check_run
 from crossbow_jax.engine.config import ConfigError, TrainConfig, make_config, refuse_ignored_options
 from crossbow_jax.engine.inputs import resolve
@@ -203,6 +204,7 @@ def tune(
     config.pop("learners_per_device", None)
     config.setdefault("progress", False)
     cfg = make_config(learners_per_device="auto", **config)
+    enable_compilation_cache()
     module, data, mesh = resolve(cfg, model, train, test, data_dir=data_dir, augment=augment)
     task = check_run(cfg, module, optimizer, data, loss_fn=loss_fn, metrics_fn=metrics_fn)
     cfg, executions = auto_execution(cfg, module, optimizer, data, mesh, task, log=log)

@@ -66,7 +66,8 @@ def measure(flags: tuple[str, ...], models: list[str]) -> list[dict[str, Any]]:
     from crossbow_jax.engine.mapping import simulated_devices_flags
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
-    env.update(XLA_FLAGS=simulated_devices_flags(2, " ".join(flags)), JAX_PLATFORMS="cpu")
+    env.update(XLA_FLAGS=simulated_devices_flags(2, " ".join(flags)), JAX_PLATFORMS="cpu",
+               CROSSBOW_JAX_CACHE="")  # no compilation cache of train's own either  # fmt: skip
     done = subprocess.run(
         [sys.executable, "-m", "experiments.benchmarks.suite_compile", "--child", *models],
         cwd=ROOT, env=env, capture_output=True, text=True, check=False,
