@@ -12,6 +12,7 @@ from typing import Any
 import jax
 
 from crossbow_jax.engine import TrainResult, fit, preemption
+from crossbow_jax.engine.algorithms import warn_outer_momentum
 from crossbow_jax.engine.cache import enable_compilation_cache
 from crossbow_jax.engine.checkpoint import Checkpointer
 from crossbow_jax.engine.checks import check_run
@@ -95,6 +96,8 @@ def train(
         target_accuracy=target_accuracy,
         **options,
     )
+    if optimizer is None:
+        warn_outer_momentum(config)
     if isinstance(model, str):  # a bad name fails before the data is loaded
         get_spec(model)
     enable_compilation_cache()  # before anything compiles (docs/usage.md, "Caches")

@@ -2,10 +2,13 @@
 
 `check_algorithm` refuses a setting the chosen algorithm would ignore (silent
 is worse than loud): SMA's alpha for local SGD, an outer learning rate for
-SMA, a period for SSGD, and so on.
+SMA, a period for SSGD, and so on. `warn_outer_momentum` warns of learner
+momentum set under an outer step, which can train to chance (docs/sma.md).
 """
 
 from __future__ import annotations
+
+import warnings
 
 from crossbow_jax.engine.options import ConfigError
 
@@ -53,4 +56,19 @@ def check_algorithm(config) -> None:
         what = "algorithm='hierarchical'" if config.hosts is None else f"hosts={config.hosts}"
         raise ConfigError(
             f"{what} needs a hosts x devices mesh, which only mapper='shard_map' maps"
+        )
+
+
+def warn_outer_momentum(config) -> None:
+    """Warns when the default optimiser's momentum is set above 0 under an outer Nesterov
+    step: measured on LeNet/MNIST, it trained to chance at the default learning rate and
+    trained at lr 0.01 (docs/sma.md, "Defaults that train"), so it is not refused."""
+    if config.algorithm in OUTER and config.momentum:
+        warnings.warn(
+            f"momentum={config.momentum} with algorithm={config.algorithm!r}: momentum "
+            "learners under the outer Nesterov step trained LeNet/MNIST to chance at "
+            "learning_rate 0.05 (docs/sma.md); leave momentum out (the default is 0 under an "
+            "outer step) or lower learning_rate",
+            UserWarning,
+            stacklevel=3,
         )

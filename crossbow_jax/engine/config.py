@@ -14,7 +14,7 @@ import difflib
 import json
 from typing import Any
 
-from crossbow_jax.engine.algorithms import ALGORITHMS, SMA_FAMILY, check_algorithm
+from crossbow_jax.engine.algorithms import ALGORITHMS, OUTER, SMA_FAMILY, check_algorithm
 from crossbow_jax.engine.options import (
     GROUPS,
     NON_NEGATIVE,
@@ -77,9 +77,11 @@ class TrainConfig:
         0.05, "the learner optimiser's base learning rate (the default optimiser)", _O,
         range=POSITIVE, flags=("--lr", "--learning-rate"), metavar="LR", default_optimizer=True,
     )  # fmt: skip
-    momentum: float = option(
-        0.9, "learner SGD momentum", _O, range=UNIT, metavar="MU", default_optimizer=True
-    )
+    momentum: float | None = option(
+        None, "learner SGD momentum (default: 0.9; 0 for diloco and hierarchical, whose outer "
+        "Nesterov step carries the momentum: docs/sma.md)", _O, range=UNIT, none="the default",
+        metavar="MU", default_optimizer=True,
+    )  # fmt: skip
     weight_decay: float = option(
         0.0, "learner weight decay", _O, range=NON_NEGATIVE,
         flags=("--weight-decay", "--wd"), metavar="WD", default_optimizer=True,
@@ -307,6 +309,13 @@ class TrainConfig:
             )
 
     @property
+    def learner_momentum(self) -> float:
+        """`momentum`, or its default: 0 under an outer step (diloco, hierarchical), else 0.9."""
+        if self.momentum is not None:
+            return self.momentum
+        return 0.0 if self.algorithm in OUTER else 0.9
+
+    @property
     def period(self) -> int:
         """Updates between synchronisations (1: every update)."""
         return self.sync_every or 1
@@ -321,6 +330,7 @@ class TrainConfig:
         """The fields a resumed run must share with the run it resumes."""
         fields = dataclasses.asdict(self)
         fields["lr_milestones"] = list(fields["lr_milestones"])
+        fields["momentum"] = self.learner_momentum  # the learner's, set or by default
         return {f.name: fields[f.name] for f in FIELDS if f.metadata.get("identity", True)}
 
 

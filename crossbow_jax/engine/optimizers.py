@@ -48,7 +48,7 @@ def learning_rate_schedule(config: TrainConfig, clock: Clock) -> optax.Schedule:
 
 def default_optimizer(config: TrainConfig, clock: Clock) -> optax.GradientTransformation:
     """The original CROSSBOW learner: weight decay, then SGD with momentum."""
-    sgd = optax.sgd(learning_rate_schedule(config, clock), momentum=config.momentum or None)
+    sgd = optax.sgd(learning_rate_schedule(config, clock), momentum=config.learner_momentum or None)
     if config.weight_decay:
         return optax.chain(optax.add_decayed_weights(config.weight_decay), sgd)
     return sgd

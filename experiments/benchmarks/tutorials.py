@@ -189,9 +189,12 @@ def _crossbow(name: str, train, test, target: float | None) -> dict[str, Any]:
     model = _nnx_cnn() if name == "nnx" else _linen_cnn()
     result = crossbow_jax.train(model, train, test, optimizer=_optimizer(name), epochs=1,
                                 target_accuracy=target, progress=False)  # fmt: skip
-    fixed = getattr(result, "fixed_costs", None)
-    return {"accuracy": result.accuracy, "steps": result.steps, "execution": result.config.execution,
-            "compile_seconds": result.compile_time, "fixed_costs": fixed,
+    choice = result.executions or {}
+    return {"accuracy": result.accuracy, "steps": result.steps,
+            "execution": choice.get("chosen", result.config.execution),
+            "compile_seconds": result.compile_time, "programs": result.programs,
+            "setup_seconds": result.setup_time, "choice_seconds": choice.get("seconds"),
+            "choice_cached": choice.get("cached"), "skipped": choice.get("skipped"),
             "time_to_accuracy": result.time_to_accuracy}  # fmt: skip
 
 
