@@ -16,8 +16,9 @@ from crossbow_jax.engine.algorithms import warn_outer_momentum
 from crossbow_jax.engine.cache import enable_compilation_cache
 from crossbow_jax.engine.checkpoint import Checkpointer
 from crossbow_jax.engine.checks import check_run
-from crossbow_jax.engine.config import make_config, refuse_ignored_options
+from crossbow_jax.engine.config import make_config
 from crossbow_jax.engine.inputs import resolve
+from crossbow_jax.engine.optimizers import refuse_ignored_options
 from crossbow_jax.models import get_spec
 from crossbow_jax.tuning import choose_learners, report
 from crossbow_jax.tuning.choice import OnlineExecutions

@@ -365,29 +365,6 @@ def check_field(name: str, value: Any) -> None:
     check_value(_FIELDS_BY_NAME[name], value)
 
 
-def refuse_ignored_options(optimizer: Any, options: dict[str, Any]) -> None:
-    """With a learner `optimizer`, the default optimiser's settings would be ignored: refuse them.
-
-    Args:
-        optimizer: the `optimizer=` argument (None: the default optimiser is used).
-        options: the settings the caller passed explicitly.
-
-    Raises:
-        ConfigError: naming every such setting (`lr_milestones` stays allowed with
-            `reset_at_drops=True`, where it marks the resets).
-    """
-    if optimizer is None:
-        return
-    ignored = [f.name for f in FIELDS if f.metadata.get("default_optimizer") and f.name in options]
-    if options.get("reset_at_drops") and "lr_milestones" in ignored:
-        ignored.remove("lr_milestones")
-    if ignored:
-        raise ConfigError(
-            f"optimizer= is given, so {', '.join(ignored)} (settings of the default SGD "
-            "optimiser) would be ignored; put them in your optimizer, or leave optimizer out"
-        )
-
-
 def _docstring() -> str:
     """The class docstring, made from the fields' help."""
     lines = ["Everything that decides a training run.", "", "Attributes:"]

@@ -1,7 +1,8 @@
 """The optimisers of a run: epoch-counted schedules, the default learner
 optimiser, the replica-averaging transformation (`sma`, `ssgd`,
 `local_sgd`, `diloco`, `hierarchical`) around the learner optimiser, and the
-check of a user's learner optimiser before any work (`check_optimizer`)."""
+check of a user's learner optimiser before any work (`check_optimizer`,
+`refuse_ignored_options`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from crossbow_jax.engine.config import ConfigError, TrainConfig
+from crossbow_jax.engine.config import FIELDS, ConfigError, TrainConfig
 from crossbow_jax.engine.mapping import DEVICE_AXIS, HOST_AXIS
 from crossbow_jax.engine.options import one_line
 from crossbow_jax.engine.plan import Clock
@@ -167,3 +168,26 @@ _WRAPS = "pass the learner optimiser; the engine wraps it (the algorithm option:
 
 def _is_wrapper(node) -> bool:
     return isinstance(node, FAMILY)
+
+
+def refuse_ignored_options(optimizer: Any, options: dict[str, Any]) -> None:
+    """With a learner `optimizer`, the default optimiser's settings would be ignored: refuse them.
+
+    Args:
+        optimizer: the `optimizer=` argument (None: the default optimiser is used).
+        options: the settings the caller passed explicitly.
+
+    Raises:
+        ConfigError: naming every such setting (`lr_milestones` stays allowed with
+            `reset_at_drops=True`, where it marks the resets).
+    """
+    if optimizer is None:
+        return
+    ignored = [f.name for f in FIELDS if f.metadata.get("default_optimizer") and f.name in options]
+    if options.get("reset_at_drops") and "lr_milestones" in ignored:
+        ignored.remove("lr_milestones")
+    if ignored:
+        raise ConfigError(
+            f"optimizer= is given, so {', '.join(ignored)} (settings of the default SGD "
+            "optimiser) would be ignored; put them in your optimizer, or leave optimizer out"
+        )

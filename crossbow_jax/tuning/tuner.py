@@ -19,8 +19,9 @@ import jax
 
 from crossbow_jax.engine.cache import enable_compilation_cache
 from crossbow_jax.engine.checks import check_run
-from crossbow_jax.engine.config import ConfigError, TrainConfig, make_config, refuse_ignored_options
+from crossbow_jax.engine.config import ConfigError, TrainConfig, make_config
 from crossbow_jax.engine.inputs import resolve
+from crossbow_jax.engine.optimizers import refuse_ignored_options
 from crossbow_jax.engine.programs import resolve_execution
 from crossbow_jax.engine.task import Task
 from crossbow_jax.tuning import report
