@@ -295,6 +295,7 @@ def test_repr_is_a_few_lines_not_the_weights():
     text = repr(r)
     assert len(text) < 400 and text.count("\n") <= 4
     assert "test accuracy" in text and f"{r.steps} steps" in text and "images/s" in text
+    assert f"compile {r.compile_time:.1f} s" in text and "execution " in text  # the fixed costs
 
 
 # -- optimiser options that are never ignored ----------------------------------------------

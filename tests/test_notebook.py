@@ -1,6 +1,7 @@
 """docs/notebooks/quickstart.ipynb: stored without outputs, and it runs from top to bottom."""
 
 import pathlib
+import re
 
 import nbformat
 import pytest
@@ -28,5 +29,8 @@ def test_the_quickstart_notebook_runs(tmp_path):
     )  # fmt: skip
     assert "TrainResult(central model: test accuracy" in text
     assert "accuracy of predict:" in text
+    assert "programs (compiled, from the cache):" in text  # the fixed costs, shown
+    diloco = re.search(r"diloco with its defaults: ([0-9.]+) \| learner momentum: 0.0", text)
+    assert diloco and float(diloco.group(1)) > 0.9, text  # the family's defaults train
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
                 if o.output_type == "error"]  # fmt: skip

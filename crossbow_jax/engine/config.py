@@ -152,8 +152,8 @@ class TrainConfig:
         "auto",
         "how a device runs its learners: vmap over the stacked parameters; unroll them one "
         "after another in one program; im2col: vmap with every convolution as patches and "
-        "one batched matmul; auto: the fastest, measured on the run's devices and cached "
-        "(docs/tuning.md)",
+        "one batched matmul; auto: the platform's default, another tried on the run's own "
+        "steps when the run repays compiling it; the fastest cached (docs/tuning.md)",
         _E, choices=EXECUTIONS,
     )  # fmt: skip
     mapper: str = option(

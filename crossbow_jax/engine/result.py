@@ -133,10 +133,9 @@ class TrainResult:
         return (
             f"TrainResult({first}\n"
             f"  {self.steps} steps, {cfg.algorithm}, {self.devices} device(s) x {layout}\n"
-            f"  {self.images_per_second:,.0f} images/s, wall {self.wall_time:.1f} s, "
-            f"compile {self.compile_time:.1f} s)"
+            f"  {self.images_per_second:,.0f} images/s, wall {self.wall_time:.1f} s\n"
+            f"  {', '.join(self.fixed_costs())})"
         )
-
 
     def fixed_costs(self) -> list[str]:
         """The run's fixed costs, as the result line prints them: compilation (with the
