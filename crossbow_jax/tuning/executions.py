@@ -257,6 +257,11 @@ def format_executions(report: dict[str, Any]) -> str:
                  f"{compile_s:9.1f}" if compile_s is not None else f"{'-':>9}", r["status"]]  # fmt: skip
         mark = " *" if r["execution"] == report["chosen"] else ""
         lines.append("  ".join(cells) + mark + (f"  ({r['error']})" if r.get("error") else ""))
-    how = f"cached in {report['cache_file']}" if report["cached"] else "measured"
-    lines.append(f"execution: {report['chosen']} ({how}, {report['seconds']:.1f} s)")
+    if report["cached"]:
+        how = f"cached in {report['cache_file']}, {report['seconds']:.1f} s"
+    elif report.get("skipped"):  # the online choice kept the default: the run is too short
+        how = f"the default; {report['skipped']}"
+    else:
+        how = f"measured, {report['seconds']:.1f} s"
+    lines.append(f"execution: {report['chosen']} ({how})")
     return "\n".join(lines)
