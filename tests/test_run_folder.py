@@ -157,7 +157,16 @@ def test_signals_save_the_step_reached_and_the_resumed_run_ends_bit_identical(tm
     assert evaluations(resumed.history) == evaluations(straight.history)  # 8, 16, 24, 32
 
 
-def test_python_callers_get_run_interrupted_with_the_saved_step(tmp_path):
+@pytest.fixture
+def python_sigint():
+    """SIGINT as Python and a notebook kernel have it (KeyboardInterrupt), whatever the
+    suite's process inherited (a shell's `cmd &` starts it ignored) or a test left."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_python_callers_get_run_interrupted_with_the_saved_step(tmp_path, python_sigint):
     """The first SIGINT in a notebook: `RunInterrupted` after the dispatch in flight and its
     evaluation, the step saved, the handlers and threads as they were; resumed, the run
     ends as one never interrupted, evaluations included."""
