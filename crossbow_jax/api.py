@@ -39,6 +39,7 @@ def train(
     target_accuracy: float | None = None,
     data_dir: str | None = None,
     augment: str | None = None,
+    transform: Callable[..., Any] | None = None,
     loss_fn: Callable[[Any, Any], Any] | None = None,
     metrics_fn: Callable[[Any, Any], dict[str, Any]] | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
@@ -54,9 +55,13 @@ def train(
             a pair `(apply_fn, params)` with `apply_fn(params, x) -> outputs`.
         train: a pair `(inputs, labels)` of NumPy arrays (NHWC images, (N,
             features) or any (N, ...) array; labels of any shape and dtype with
-            `loss_fn=`, integer class labels for the default loss) or a dataset
-            name (`crossbow_jax.data.dataset_names()`).
-        test: a pair like `train`, or None (a named dataset brings its own).
+            `loss_fn=`, integer class labels for the default loss); a dataset
+            name (`crossbow_jax.data.dataset_names()`); or a random-access source
+            (`__len__` and `__getitem__`: a `grain.MapDataset`, a grain data source,
+            a Hugging Face `datasets.Dataset`, ...) of `(input, label)` or
+            `{"image": ..., "label": ...}` records, placed on the devices whole when
+            small or streamed through grain (docs/data.md).
+        test: a pair or a source like `train`, or None (a named dataset brings its own).
         optimizer: the learner optimiser (any optax transformation; not
             `sma`/`ssgd`: the engine wraps it). None builds SGD with
             `learning_rate`, `momentum`, `weight_decay` and the epoch-based
@@ -65,6 +70,9 @@ def train(
             see `TrainConfig`.
         data_dir: where named datasets are looked for and cached.
         augment: "crop_flip" for user arrays that want CIFAR-style augmentation.
+        transform: for a source: `record -> record` in training and evaluation, or
+            `(record, rng) -> record` (random: a NumPy Generator in training, None in
+            evaluation), run where the records are read.
         loss_fn: `(outputs, labels) -> per-example loss` (shape (batch,)); None:
             softmax cross-entropy on integer labels, with accuracy reported.
         metrics_fn: `(outputs, labels) -> {name: per-example values}`, reported
@@ -104,7 +112,8 @@ def train(
     enable_compilation_cache()  # before anything compiles (docs/usage.md, "Caches")
     checkpointer = Checkpointer(config.checkpoint_dir, config) if config.checkpoint_dir else None
     with checkpointer or contextlib.nullcontext(), preemption.Signals() as signals:
-        module, data, mesh = resolve(config, model, train, test, data_dir=data_dir, augment=augment)
+        module, data, mesh = resolve(config, model, train, test, data_dir=data_dir, augment=augment,
+                                    transform=transform)  # fmt: skip
         folder = checkpointer.directory if checkpointer else None
         resumed = checkpointer.latest_step() if checkpointer and config.resume else None
         preemption.stop_if_signalled(signals, resumed, folder)  # (and after each phase below)

@@ -336,7 +336,7 @@ def test_imagenet_source_returns_real_pixels(foolbox_wheel, tmp_path, flat_val):
     samples = foolbox_samples(foolbox_wheel, "imagenet")
     wnids = _imagenet_folder(tmp_path / "imagenet", samples, flat_val)
     source = data.load_imagenet(
-        split="val", data_dir=tmp_path, batch_size=8, image_size=512, resize=0, num_workers=2
+        split="val", data_dir=tmp_path, batch_size=8, image_size=512, resize=0, num_workers=0
     )
     assert source.classes == tuple(wnids) and len(source) == 20 and source.num_batches == 3
     batches = list(source.epoch())
@@ -354,7 +354,7 @@ def test_imagenet_source_returns_real_pixels(foolbox_wheel, tmp_path, flat_val):
 def test_imagenet_training_batches(foolbox_wheel, tmp_path, monkeypatch):
     samples = foolbox_samples(foolbox_wheel, "imagenet")
     _imagenet_folder(tmp_path / "imagenet", samples, flat_val=True)
-    make = dict(data_dir=tmp_path, batch_size=6, num_workers=2, seed=3)
+    make = dict(data_dir=tmp_path, batch_size=6, num_workers=0, seed=3)
     source = data.load_imagenet(**make)
     assert source.crop == "random" and source.num_batches == 3  # remainder dropped
     assert data.prepare("imagenet", data_dir=tmp_path) == tmp_path / "imagenet"
@@ -371,10 +371,10 @@ def test_imagenet_training_batches(foolbox_wheel, tmp_path, monkeypatch):
         for image, label in zip(images, labels, strict=True):
             blobs = [b for b, lab in samples if f"n{lab:08d}" == exact.classes[label]]
             assert any(np.array_equal(image, _center(b, 512)) for b in blobs)
-    # Deterministic by seed and epoch; the listing now comes from the cache.
+    # Deterministic by seed and epoch, whoever decodes; the listing now comes from the cache.
     with monkeypatch.context() as mp:
         mp.setattr(imagenet, "build_index", pytest.fail)
-        again = list(data.load_imagenet(**make).epoch(0))
+        again = list(data.load_imagenet(**{**make, "num_workers": 2}).epoch(0))  # processes
     for (x1, y1), (x2, y2) in zip(first, again, strict=True):
         np.testing.assert_array_equal(x1, x2)
         np.testing.assert_array_equal(y1, y2)
@@ -461,6 +461,7 @@ def test_engine_trains_on_streamed_imagenet_folder(foolbox_wheel, tmp_path):
         epochs=2,
         progress=False,
         callback=rows.append,
+        data_workers=0,  # threads (worker processes: test_imagenet_training_batches)
     )
     assert result.steps == 2 * (20 // 8)
     assert all(np.isfinite(r["loss"]) for r in rows)
@@ -477,6 +478,7 @@ def test_engine_trains_on_streamed_imagenet_folder(foolbox_wheel, tmp_path):
         num_devices=2,
         epochs=4,  # online: 1 learner for 4 steps, then 2 from the next epoch (4 images left)
         progress=False,
+        data_workers=0,
     )
     assert [r["learners"] for r in tuned.tuning["curve"]] == [1, 2]
     assert tuned.tuning["chosen"] in (1, 2) and tuned.learners_per_device == tuned.tuning["chosen"]

@@ -14,14 +14,13 @@ Supported layouts under the root folder (default `<data_dir>/imagenet/`):
 
 Files ending in `.jpeg`, `.jpg` or `.png` (any case) are images. The file
 listing of each split is cached in `<cache>/imagenet/` and rebuilt when a
-folder's modification time changes. Decoding runs on a thread pool (PIL
-releases the GIL while decoding) a few batches ahead of the consumer.
+folder's modification time changes. grain reads the files (`ImageFiles`, a
+random-access source) and decodes and augments them (`Decode`) in worker
+processes, ahead of the consumer.
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import dataclasses
 import gzip
 import hashlib
@@ -36,6 +35,7 @@ import numpy as np
 from crossbow_jax.data import _fetch
 from crossbow_jax.data._core import DatasetError, DatasetInfo
 from crossbow_jax.data._imaging import decode
+from crossbow_jax.data.streaming import Records, StreamedSource, default_workers
 
 IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png"})
 LABEL_FILES = ("{split}_labels.txt", "{split}.txt", "LOC_{split}_solution.csv")
@@ -210,8 +210,44 @@ def cached_index(
     return index
 
 
+class ImageFiles:
+    """A split's files as a random-access source: record `i` is `(path, label)`.
+
+    Attributes:
+        num_classes: the class count (the engine reads it to size a named model).
+    """
+
+    def __init__(self, index: ImageIndex):
+        self.index, self.num_classes = index, len(index.classes)
+
+    def __len__(self) -> int:
+        return len(self.index.paths)
+
+    def __getitem__(self, i: int) -> tuple[str, int]:
+        return str(self.index.split_dir / self.index.paths[i]), int(self.index.labels[i])
+
+
+@dataclasses.dataclass(frozen=True)
+class Decode:
+    """The transform of `ImageFiles` records: `((path, label), rng) -> (uint8 image, label)`;
+    a random-resized crop and flip when `crop="random"` and an `rng` is given (training),
+    else a center crop after scaling the shorter side to `resize`."""
+
+    image_size: int
+    crop: str
+    resize: int
+
+    def __call__(self, record: tuple[str, int], rng: np.random.Generator | None = None):
+        path, label = record
+        crop = self.crop if rng is not None else "center"
+        image = decode(Path(path), image_size=self.image_size, crop=crop,
+                       resize=self.resize or None, rng=rng)  # fmt: skip
+        return image, np.int32(label)
+
+
 class ImageNetSource:
-    """Host batches of an ImageNet split: `(uint8 (B, S, S, 3), int32 (B,))`.
+    """Host batches of an ImageNet split: `(uint8 (B, S, S, 3), int32 (B,))`, decoded and
+    augmented by grain worker processes (`crossbow_jax.data.streaming`).
 
     Args:
         root: Root folder (see the module docstring).
@@ -226,9 +262,9 @@ class ImageNetSource:
         shuffle: Shuffle each epoch (default: for `"train"` only).
         drop_remainder: Drop the last, smaller batch (default: for `"train"`).
         seed: Fixes shuffling and random crops: epoch `e` is the same on
-            every run.
-        num_workers: Decoding threads (default: CPU count).
-        prefetch: Batches decoded ahead of the consumer.
+            every run, whatever the number of workers.
+        num_workers: grain worker processes that decode (0: threads of this
+            process; default: the CPU count less one, 1..8).
         labels_file: For a flat validation folder (see the module docstring).
         cache_dir: Where the file listing is cached.
     """
@@ -246,7 +282,6 @@ class ImageNetSource:
         drop_remainder=None,
         seed=0,
         num_workers=None,
-        prefetch=2,
         labels_file=None,
         cache_dir=None,
     ):
@@ -254,15 +289,17 @@ class ImageNetSource:
         self.crop = crop or ("random" if is_train else "center")
         if self.crop not in ("random", "center"):
             raise ValueError(f"crop must be 'random' or 'center', got {crop!r}")
-        if batch_size < 1 or image_size < 1 or prefetch < 1:
-            raise ValueError("batch_size, image_size and prefetch must be positive")
+        if batch_size < 1 or image_size < 1:
+            raise ValueError("batch_size and image_size must be positive")
         self.index = cached_index(Path(root), split, labels_file, cache_dir)
         self.batch_size, self.image_size = int(batch_size), int(image_size)
         self.resize = round(image_size / 0.875) if resize is None else int(resize)
         self.shuffle = is_train if shuffle is None else bool(shuffle)
         self.drop_remainder = is_train if drop_remainder is None else bool(drop_remainder)
-        self.seed, self.prefetch = int(seed), int(prefetch)
-        self.num_workers = num_workers or os.cpu_count() or 1
+        self.seed = int(seed)
+        self.num_workers = default_workers() if num_workers is None else int(num_workers)
+        self.files = ImageFiles(self.index)
+        self.decode = Decode(self.image_size, self.crop, self.resize)
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -285,12 +322,13 @@ class ImageNetSource:
         n, b = len(self), self.batch_size
         return n // b if self.drop_remainder else -(-n // b)
 
-    def _load(self, position: int, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, epoch, position]) if self.crop == "random" else None
-        path = self.index.split_dir / self.index.paths[position]
-        return decode(
-            path, image_size=self.image_size, crop=self.crop, resize=self.resize or None, rng=rng
-        )
+    def stream(self) -> StreamedSource:
+        """The grain pipeline of this split's batches (one pipeline across epochs)."""
+        return StreamedSource(
+            Records(self.files, self.decode), self.batch_size, self.seed,
+            workers=self.num_workers, shuffle=self.shuffle, training=self.crop == "random",
+            drop_remainder=self.drop_remainder,
+        )  # fmt: skip
 
     def epoch(
         self, epoch: int = 0, start_batch: int = 0, *, start_image: int | None = None
@@ -303,38 +341,21 @@ class ImageNetSource:
             start_image: Skip this many images of the pass instead (batches then
                 begin there; used when a run changes its batch mid-epoch).
         """
-        order = np.arange(len(self))
-        if self.shuffle:
-            np.random.default_rng([self.seed, epoch]).shuffle(order)
-        first = start_batch * self.batch_size if start_image is None else start_image
-        n, b = len(self), self.batch_size
-        end = first + ((n - first) // b if self.drop_remainder else -(-(n - first) // b)) * b
-        batches = [order[i : min(i + b, n)] for i in range(first, end, b)]
-        pool = concurrent.futures.ThreadPoolExecutor(
-            self.num_workers, thread_name_prefix="imagenet-decode"
-        )
-        pending: collections.deque = collections.deque()
+        stream = self.stream()
         try:
-            for batch in batches:
-                futures = [pool.submit(self._load, int(i), epoch) for i in batch]
-                pending.append((futures, self.index.labels[batch]))
-                if len(pending) > self.prefetch:
-                    yield self._collect(*pending.popleft())
-            while pending:
-                yield self._collect(*pending.popleft())
+            yield from stream.epoch(epoch, start_batch, start_image=start_image)
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-
-    @staticmethod
-    def _collect(futures, labels) -> tuple[np.ndarray, np.ndarray]:
-        return np.stack([f.result() for f in futures]), labels
+            stream.close()
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yields batches endlessly, epoch 0, 1, 2, ..."""
-        epoch = 0
-        while True:
-            yield from self.epoch(epoch)
-            epoch += 1
+        """Yields batches endlessly, epoch 0, 1, 2, ... from one pipeline."""
+        stream, epoch = self.stream(), 0
+        try:
+            while True:
+                yield from stream.epoch(epoch)
+                epoch += 1
+        finally:
+            stream.close()
 
 
 def load_imagenet(root=None, split="train", *, data_dir=None, **options) -> ImageNetSource:

@@ -200,14 +200,14 @@ def check_values(data: Arrays, task: Task, num_outputs: int | None, named: str |
     A named model (`named`) scores as many classes as the train labels' largest + 1, so
     train labels running 1..C (0 never used) are refused, and so is a test label beyond.
     """
-    for split, x, y in (("train", data.train_x, data.train_y), ("test", data.test_x, data.test_y)):
+    for split, x, y, row in _checked_splits(data):
         for part, values in (("inputs", x), ("labels", y)):
             if values is not None and np.issubdtype(values.dtype, np.floating):
                 bad = _first_row(~np.isfinite(values))
                 if bad is not None:
                     raise ConfigError(
-                        f"{split} {part} row {bad} holds NaN or infinity; clean or drop that "
-                        "row before training"
+                        f"{split} {part} {row(bad)} holds NaN or infinity; clean or drop that "
+                        f"{row(bad).split()[0]} before training"
                     )
         if num_outputs is not None and y is not None:
             _check_zero_based(split, y, num_outputs, named)
@@ -220,8 +220,19 @@ def check_values(data: Arrays, task: Task, num_outputs: int | None, named: str |
                        f"the model scores {num_outputs} classes; use labels 0..{num_outputs - 1}"
                        " or a model with more outputs")  # fmt: skip
                 raise ConfigError(
-                    f"{split} labels row {bad} holds {value}, outside [0, {num_outputs}): {fix}"
+                    f"{split} labels {row(bad)} holds {value}, outside [0, {num_outputs}): {fix}"
                 )
+
+
+def _checked_splits(data: Arrays):
+    """(split, inputs, labels, name of row i) of the arrays held, or of a streamed source's
+    sample (its rows named by record index)."""
+    for split, x, y, sample in (("train", data.train_x, data.train_y, data.train_sample),
+                                ("test", data.test_x, data.test_y, data.test_sample)):  # fmt: skip
+        if x is not None:
+            yield split, x, y, lambda i: f"row {i}"
+        elif sample is not None:
+            yield split, sample[0], sample[1], lambda i, rows=sample[2]: f"record {int(rows[i])}"
 
 
 def _check_zero_based(split: str, y: np.ndarray, num_outputs: int, named: str | None) -> None:

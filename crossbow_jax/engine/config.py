@@ -167,6 +167,11 @@ class TrainConfig:
         "the data would fill over half of a device's free memory",
         _E, choices=PLACEMENTS,
     )  # fmt: skip
+    data_workers: int | None = option(
+        None, "worker processes that read a streamed data set through grain (0: threads "
+        "of the run's process; default: the host's cores less one, 1..8)",
+        _E, at_least=0, metavar="N", identity=False,
+    )  # fmt: skip
     num_devices: int | None = option(
         None,
         "use the first n devices (default: all; all processes' devices when multi-host)",

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from crossbow_jax.engine import mapping
-from crossbow_jax.engine.inputs import as_engine_dtype
+from crossbow_jax.engine.inputs import as_engine_dtype, as_model_layout
 from crossbow_jax.engine.plan import Chunk, Layout
 
 
@@ -65,7 +65,7 @@ def as_device_chunk(batches: list[tuple[np.ndarray, np.ndarray]], layout: Layout
         shaped = stacked.reshape((len(arrays), d, m, b) + stacked.shape[2:])
         return np.moveaxis(shaped, 1, 0)
 
-    xs = arrange([x for x, _ in batches])
+    xs = arrange([as_engine_dtype(as_model_layout(x), part="inputs") for x, _ in batches])
     ys = arrange([as_engine_dtype(y) for _, y in batches])
     return mapping.put_on_devices((xs, ys), mesh)
 
@@ -82,7 +82,7 @@ class Feeder:
 
     def start(self, epoch: int, chunks: list[Chunk]) -> None:
         """Begins preparing `chunks` (consecutive, all in `epoch`)."""
-        self.close()
+        self._stop_thread()
         self._stop = threading.Event()
         self._queue = queue.Queue(self.prefetch)
         args = (epoch, chunks, self._queue, self._stop)
@@ -117,8 +117,14 @@ class Feeder:
             raise RuntimeError(f"feeder out of step: expected {chunk}, prepared {got}")
         return item
 
-    def close(self) -> None:
+    def _stop_thread(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
         self._thread = None
+
+    def close(self) -> None:
+        """Stops the thread and the source's readers (grain's worker processes), if any."""
+        self._stop_thread()
+        if hasattr(self.source, "close"):
+            self.source.close()

@@ -78,7 +78,9 @@ def data_fingerprint(data: Arrays, full_hash_bytes: int = FULL_HASH_BYTES) -> di
         arrays = (data.train_x, data.train_y, data.test_x, data.test_y)
         parts = ["none" if a is None else array_fingerprint(a, full_hash_bytes) for a in arrays]
     else:
-        streamed = f"streamed from {data.name!r}, not hashed"
+        streamed = f"streamed from {data.name!r}, " + (
+            "not hashed" if data.train_sample is None else "sample " + array_fingerprint(
+                np.ascontiguousarray(data.train_sample[0]), full_hash_bytes).split()[-1])  # fmt: skip
         parts = [
             f"{e.dtype}{[data.num_train, *e.shape[1:]]} {streamed}"
             for e in (np.asarray(data.example), np.asarray(data.label_example))

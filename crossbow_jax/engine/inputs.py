@@ -12,7 +12,9 @@ import numpy as np
 from crossbow_jax import models
 from crossbow_jax.data.preprocess import AUGMENTATIONS, Preprocess, for_arrays, pixels
 from crossbow_jax.engine.config import ConfigError, TrainConfig
-from crossbow_jax.engine.mapping import make_mesh, select_devices
+from crossbow_jax.data.streaming import is_source
+from crossbow_jax.engine.mapping import free_bytes, make_mesh, select_devices
+from crossbow_jax.engine.sources import SourceOptions, named_stream, resolve_sources
 from crossbow_jax.models.adapters import Model, ModelError, as_model
 
 
@@ -32,6 +34,9 @@ class Arrays:
     label_example: np.ndarray | None = None  # one label, shape (1, ...)
     stream: Callable[[int, int], Any] | None = None  # (images per step, seed) -> Source
     test_stream: Callable[[int], Any] | None = None  # batch size -> Source of the test split
+    train_sample: tuple | None = None  # streamed: (inputs, labels, record indices) checked
+    test_sample: tuple | None = None
+    declared_classes: int | None = None  # a source's own class count (num_classes, ClassLabel)
 
     def __post_init__(self):
         if self.train_x is not None:
@@ -50,7 +55,8 @@ def _pair(value: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
     """User arrays as the engine keeps them: inputs (N, ...) and labels (N, ...)."""
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise ConfigError(
-            f"{what} must be a dataset name or a pair (inputs, labels), got {type(value).__name__}"
+            f"{what} must be a dataset name, a pair (inputs, labels) or a data source (with "
+            f"__len__ and __getitem__), got {type(value).__name__}"
         )
     x, y = np.asarray(value[0]), np.asarray(value[1])
     x = as_model_layout(x)
@@ -93,9 +99,9 @@ def as_engine_dtype(a: np.ndarray, what: str = "fed", part: str = "labels") -> n
         return a
     if np.issubdtype(a.dtype, np.integer):
         _fits_int32(a, what, part)
-        return a.astype(np.int32)
+        return a.astype(np.int32, copy=False)
     if np.issubdtype(a.dtype, np.floating) or a.dtype == bool:
-        return a.astype(np.float32)
+        return a.astype(np.float32, copy=False)
     raise ConfigError(f"{what} {part} have dtype {a.dtype}; pass numbers")
 
 
@@ -124,14 +130,30 @@ def resolve_data(
     data_dir: str | None = None,
     augment: str | None = None,
     unscaled_images: bool = False,
+    sources: SourceOptions | None = None,
 ) -> Arrays:
-    """Loads a named dataset or checks user arrays; fails before any work.
+    """Loads a named dataset, checks user arrays or reads a source; fails before any work.
 
     Both splits of user arrays go through the one `Preprocess` made from the
     training split (`for_arrays`), so they must agree in dtype and scale
     (`check_same_scale`); float images at 0..255 are refused unless
-    `unscaled_images`.
+    `unscaled_images`. A random-access source (`sources.resolve_sources`) is read
+    whole into arrays or streamed, as `sources` says.
     """
+    sources = sources or SourceOptions(None, None, "auto")
+    if is_source(train) or is_source(test):
+        if not is_source(train):
+            raise ConfigError(
+                f"test is a {type(test).__name__} source but train is not: pass the training "
+                "data as a source too (or both as (inputs, labels) arrays)"
+            )
+        return resolve_sources(train, test, sources, lambda tr, te: resolve_data(
+            tr, te, augment=augment, unscaled_images=unscaled_images))  # fmt: skip
+    if sources.transform is not None:
+        raise ConfigError(
+            "transform= applies to the records of a data source (an object with __len__ and "
+            "__getitem__); transform arrays or a named data set before passing them"
+        )
     if isinstance(train, str):
         from crossbow_jax import data as datasets
 
@@ -149,7 +171,7 @@ def resolve_data(
             )
         spec = datasets.DATASETS.get(train)
         if spec is not None and spec.kind == "stream":
-            return _streamed(train, data_dir)
+            return named_stream(train, data_dir, sources, lambda tr, te: resolve_data(tr, te))
         ds = datasets.load_dataset(train, data_dir=data_dir)
         info = ds.info
         pre = pixels(info.mean, info.std, augment or info.augment)
@@ -257,38 +279,6 @@ def _scale(x: np.ndarray) -> str:
     return f"{x.dtype}"
 
 
-def _streamed(name: str, data_dir: str | None) -> Arrays:
-    """A data set read from files batch by batch (ImageNet), never held in memory."""
-    from crossbow_jax.data import load_imagenet
-
-    probe = load_imagenet(split="train", data_dir=data_dir, batch_size=1)  # checks the folder
-    info = probe.info
-
-    def train_source(images_per_step: int, seed: int):
-        return load_imagenet(
-            split="train", data_dir=data_dir, batch_size=images_per_step, seed=seed
-        )
-
-    def test_source(batch: int):
-        return load_imagenet(split="val", data_dir=data_dir, batch_size=batch)
-
-    pre = pixels(info.mean, info.std)
-    example = np.zeros((1,) + tuple(info.image_shape), np.uint8)
-    return Arrays(
-        name,
-        None,
-        None,
-        None,
-        None,
-        info.num_classes,
-        pre,
-        num_train=len(probe),
-        example=example,
-        stream=train_source,
-        test_stream=test_source,
-    )
-
-
 def resolve_model(
     model: Any, num_classes: int | None, dtype: str, mode_keyword: str | None = None
 ) -> Model:
@@ -358,6 +348,7 @@ def resolve(
     *,
     data_dir: str | None = None,
     augment: str | None = None,
+    transform: Callable | None = None,
 ) -> Resolved:
     """Resolves a model (or its name), the data (or a data set name) and the devices.
 
@@ -367,9 +358,15 @@ def resolve(
     """
     # The devices and hosts first: a wrong count fails before a data set is loaded.
     mesh = make_mesh(select_devices(config.num_devices), hosts=resolve_hosts(config))
-    data = resolve_data(
-        train, test, data_dir=data_dir, augment=augment, unscaled_images=config.unscaled_images
-    )
+    sources = SourceOptions(transform, config.data_workers, config.data_placement,
+                            free_bytes(mesh))  # fmt: skip
+    data = resolve_data(train, test, data_dir=data_dir, augment=augment,
+                        unscaled_images=config.unscaled_images, sources=sources)  # fmt: skip
+    if isinstance(model, str) and data.train_sample is not None and not data.declared_classes:
+        raise ConfigError(
+            f"model {model!r} is sized by the number of classes, which the streamed "
+            f"{data.name} does not declare: give the source a num_classes attribute"
+        )
     module = resolve_model(model, data.num_classes, config.dtype, config.mode_keyword)
     if isinstance(model, str) and data.example.ndim != 4:
         shape = models.get_spec(model).input_shape

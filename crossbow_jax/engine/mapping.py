@@ -154,6 +154,13 @@ def memory_stats(device: jax.Device) -> dict[str, Any]:
         return {}
 
 
+def free_bytes(mesh: Mesh) -> int:
+    """Free memory of this process's first device of `mesh`; 0 where it reports none."""
+    local = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
+    stats = memory_stats(local)
+    return max(0, stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0))
+
+
 def device_sharding(mesh: Mesh) -> NamedSharding:
     """The sharding of arrays with a leading device axis."""
     return NamedSharding(mesh, P(device_axes(mesh)))

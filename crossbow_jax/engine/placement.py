@@ -37,9 +37,7 @@ def resolve_placement(config: TrainConfig, data: Arrays, mesh) -> str:
         return "host"
     if config.data_placement != "auto":
         return config.data_placement
-    local = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
-    stats = local.memory_stats() or {}
-    free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
+    free = mapping.free_bytes(mesh)
     return "host" if free > 0 and data.train_x.nbytes > free / 2 else "device"
 
 
