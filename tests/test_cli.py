@@ -192,6 +192,7 @@ def _with(flag, value):
         (_with("--lr", "-1"), "learning_rate=-1.0 must be > 0"),
         (_with("--lr-milestones", "5"), "must lie inside (0, epochs)"),
         (TINY + ["--resume"], "--resume needs --output"),
+        (TINY + ["--tensorboard"], "--tensorboard needs --output DIR, where event files go"),
         (TINY + ["--frobnicate"], "unrecognized arguments: --frobnicate"),
         (["data", "prepare", "synthetic"], "nothing to prepare"),
         (["nonsense"], "invalid choice: 'nonsense'"),

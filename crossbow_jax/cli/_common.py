@@ -250,12 +250,12 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
     Every field is read from its flag's destination; `overrides` replace any field.
     """
     folder = next(flags(f)[0] for f in FIELDS if f.name == "checkpoint_dir")  # --output
-    if args.resume and not args.checkpoint_dir:
-        raise ConfigError(f"--resume needs {folder} DIR, the run folder to resume")
-    if args.overwrite and not args.checkpoint_dir:
-        raise ConfigError(f"--overwrite needs {folder} DIR, the run folder to start anew")
-    if args.checkpoint_every and not args.checkpoint_dir:
-        raise ConfigError(f"--checkpoint-every needs {folder} DIR, where checkpoints go")
+    needs_folder = {"resume": "the run folder to resume", "overwrite": "the run folder to "
+                    "start anew", "checkpoint_every": "where checkpoints go",
+                    "tensorboard": "where event files go"}  # fmt: skip
+    for name, why in needs_folder.items():
+        if getattr(args, name, None) and not args.checkpoint_dir:
+            raise ConfigError(f"--{name.replace('_', '-')} needs {folder} DIR, {why}")
     values = {f.name: getattr(args, f.name, f.default) for f in FIELDS}
     values.update(overrides)
     return TrainConfig(**values)

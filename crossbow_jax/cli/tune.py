@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     # The run's settings and the search's (`tune_*`); the run folder's do not apply.
     skip = {"learners_per_device", "checkpoint_dir", "checkpoint_every", "checkpoint_minutes",
-            "resume", "overwrite", "progress"}  # fmt: skip
+            "resume", "overwrite", "progress", "tensorboard"}  # fmt: skip
     fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
     data = _common.data_arguments(args)
     locked = folder and main_process  # a training run there keeps its tuning.json

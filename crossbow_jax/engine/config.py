@@ -219,6 +219,11 @@ class TrainConfig:
         False, "start a new run in a run folder that holds another run, whose checkpoints "
         "and files are removed once the new run has passed its checks", _R, identity=False,
     )  # fmt: skip
+    tensorboard: bool | None = option(
+        None, "write TensorBoard event files of the history rows into the run folder "
+        "(docs/usage.md, 'Metrics'); False: none (default: on with a run folder)", _R,
+        identity=False,
+    )  # fmt: skip
     progress: bool = option(True, "a progress bar on stderr", _E, identity=False)
     tune_mode: str = option(
         "online",
@@ -307,6 +312,11 @@ class TrainConfig:
                 "lr_milestones; it needs algorithm='sma' (or 'hierarchical') and lr_milestones"
             )
         check_algorithm(self)
+        if self.tensorboard and not self.checkpoint_dir:
+            raise ConfigError(
+                "tensorboard=True writes event files into the run folder; it needs "
+                "checkpoint_dir (or leave tensorboard out)"
+            )
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ConfigError(
                 f"checkpoint_every={self.checkpoint_every} needs checkpoint_dir (where "

@@ -10,8 +10,10 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from crossbow_jax.engine import mapping, runfolder
+from crossbow_jax.engine import mapping, runfolder, traffic
 from crossbow_jax.engine.config import TrainConfig
+from crossbow_jax.engine.events import Events
+from crossbow_jax.engine.optimizers import learning_rate_schedule
 from crossbow_jax.engine.plan import Chunk, Clock
 from crossbow_jax.engine.progress import progress
 
@@ -53,6 +55,9 @@ class History:
             any update), as a resumed run recorded it; None: read at step 0.
         uniform_loss: the loss of outputs that score every class alike (ln of the number
             of classes, for the default loss), or None.
+        default_optimizer: the learners run the config's SGD, whose learning rate rows
+            carry (a user's optimiser's is not known).
+        events: the run segment's TensorBoard event file, which every new row goes to.
     """
 
     def __init__(
@@ -69,6 +74,8 @@ class History:
         checkpoint_dir: str | None = None,
         start_loss: float | None = None,
         uniform_loss: float | None = None,
+        default_optimizer: bool = False,
+        events: Events | None = None,
     ):
         self.config, self.rows, self.callback = config, rows, callback
         self.checkpoint_dir = checkpoint_dir
@@ -78,6 +85,9 @@ class History:
         self.train_seconds, self.images = 0.0, 0
         self.samples: list[tuple[int, float, int]] = []  # (images, seconds, steps) per row
         self.learners: int | None = None  # when set, rows carry "learners_per_device"
+        self.traffic: traffic.Traffic | None = None  # of the running programs (`run_plan`)
+        self.default_optimizer, self.events = default_optimizer, events
+        self.schedule = learning_rate_schedule(config, clock, np) if default_optimizer else None
         self.step = rows[-1]["step"] if rows else 0
         self.last_accuracy = next(
             (r["test_accuracy"] for r in reversed(rows) if "test_accuracy" in r), None
@@ -92,6 +102,8 @@ class History:
     def use(self, clock: Clock, total_steps: int) -> None:
         """The layout changed: steps take `clock.per_step` images from now on."""
         self.clock = clock
+        if self.default_optimizer:
+            self.schedule = learning_rate_schedule(self.config, clock, np)
         if self.bar is not None:
             self.bar.total = total_steps
 
@@ -171,6 +183,13 @@ class History:
             }
             if self.learners is not None:
                 row["learners_per_device"] = self.learners
+            if self.schedule is not None:  # the learning rate of the row's last step
+                row["learning_rate"] = float(self.schedule(chunk.end - 1))
+            if self.traffic is not None:  # per step over the row's steps, all axes together
+                syncs = traffic.sync_steps(chunk.start, chunk.end, self.config.period)
+                row["all_reduce_bytes"] = sum(
+                    traffic.per_step(self.traffic, chunk.length, syncs).values()
+                )
             self.rows.append(row)
             if not (evaluation_follows and i == len(read) - 1):
                 self._report(row)
@@ -221,10 +240,14 @@ class History:
             self.time_to_accuracy = row["time"]
             row["reached_target"] = True
         self._report(row)
+        self.flush()
         return reached
 
     def _report(self, row: dict[str, Any]) -> None:
-        """Shows a finished row (progress display) and hands it to the callback."""
+        """Shows a finished row (progress display), writes it to the event file and hands
+        it to the callback."""
+        if self.events is not None:
+            self.events.write(row)
         if self.bar is not None:
             # images/s over the run's training time so far: the figure its result ends with
             post = {"img/s": f"{self.images_per_second():.0f}", "loss": f"{row['loss']:.3f}"}
@@ -234,6 +257,13 @@ class History:
         if self.callback:
             self.callback(dict(row))
 
+    def flush(self) -> None:
+        """Writes the event file's pending rows (at evaluations and checkpoints)."""
+        if self.events is not None:
+            self.events.flush()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.events is not None:
+            self.events.close()

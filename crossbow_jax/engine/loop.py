@@ -21,6 +21,7 @@ from crossbow_jax.engine import cache, identity, mapping, preemption, runfolder,
 from crossbow_jax.engine.checkpoint import Checkpointer
 from crossbow_jax.engine.checks import check_run
 from crossbow_jax.engine.config import TrainConfig
+from crossbow_jax.engine.events import open_events
 from crossbow_jax.engine.history import History
 from crossbow_jax.engine.inputs import Arrays
 from crossbow_jax.engine.placement import TestData
@@ -194,6 +195,8 @@ def fit(
             checkpoint_dir=checkpointer.directory if checkpointer else None,
             start_loss=record.get("start_loss") if record else None,
             uniform_loss=task.uniform_loss(data.num_classes),
+            default_optimizer=optimizer is None,
+            events=open_events(config, checkpointer and checkpointer.directory, start.step),
         )
         closing.callback(history.close)
         timer = CheckpointTimer(config.checkpoint_minutes if checkpointer else 0.0)
@@ -240,6 +243,7 @@ def fit(
                       "start_loss": history.start_loss,
                       "run": run_summary(result(central), data)}  # fmt: skip
             checkpointer.save(step, state, record, central)
+            history.flush()
             timer.saved()
 
         interrupt = preemption.Interrupt(signals or closing.enter_context(preemption.Signals()),
@@ -257,7 +261,7 @@ def fit(
             plan = plan_chunks(setup.clock, end, config, setup.steps_per_dispatch,
                                start=position.step, stop=stop)  # fmt: skip
             first_sample = len(history.samples)
-            history.learners = m if tuner else None  # rows say which setting ran them
+            history.learners = m  # rows say which setting ran them
             state, reached = run_plan(stage, plan, state, test, history, timer,
                                   save if checkpointer else None, interrupt)  # fmt: skip
             position = setup.clock.position(plan[-1].end) if plan else position

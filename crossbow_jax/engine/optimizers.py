@@ -27,21 +27,22 @@ def milestone_steps(config: TrainConfig, clock: Clock) -> list[int | None]:
     return [None if (s := clock.step_at(e)) is None else max(1, s) for e in config.lr_milestones]
 
 
-def learning_rate_schedule(config: TrainConfig, clock: Clock) -> optax.Schedule:
+def learning_rate_schedule(config: TrainConfig, clock: Clock, xp: Any = jnp) -> optax.Schedule:
     """Linear warm-up, then `lr_gamma` at each milestone (multistep), in the learner's
-    steps, which the engine keeps equal to the run's global steps."""
+    steps, which the engine keeps equal to the run's global steps (`xp=np`: the same on the
+    host, for the history rows)."""
     drops = [0 if s is None else s for s in milestone_steps(config, clock)]
-    drops = jnp.asarray(drops or [-1], jnp.int32)
+    drops = xp.asarray(drops or [-1], xp.int32)
     warmup = (clock.step_at(config.warmup_epochs) or 0) if config.warmup_epochs else 0
     base, gamma = config.learning_rate, config.lr_gamma
     have_drops = bool(config.lr_milestones)
 
     def schedule(count):
-        lr = jnp.asarray(base, jnp.float32)
+        lr = xp.asarray(base, xp.float32)
         if have_drops:
-            lr = lr * gamma ** jnp.sum(count >= drops)
+            lr = lr * gamma ** xp.sum(count >= drops)
         if warmup:
-            lr = lr * jnp.minimum(1.0, (count + 1) / warmup)
+            lr = lr * xp.minimum(1.0, (count + 1) / warmup)
         return lr
 
     return schedule

@@ -35,8 +35,10 @@ class TrainResult:
             a task other than classification).
         test_loss: the last test loss of z (None without a test set).
         history: one dict per logged interval (step, epoch, loss, accuracy,
-            the user's metrics, images_per_second, time; test_loss,
-            test_accuracy and test_<metric> at evaluations).
+            the user's metrics, images_per_second, time, learners_per_device,
+            all_reduce_bytes, and learning_rate with the default optimiser;
+            test_loss, test_accuracy and test_<metric> at evaluations;
+            docs/usage.md, "Metrics").
         time_to_accuracy: seconds from the start of the run (tuning and
             compilation included) until z first reached `target_accuracy`.
         images_per_second: training images per second of all learners,

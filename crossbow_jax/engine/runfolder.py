@@ -3,8 +3,9 @@ they are intact (digests), and a clean start over an older run (overwrite).
 
 A run folder holds `config.json` (what a resumed run must share),
 `checkpoints/<step>/` (orbax), `digests/<step>.json` (a SHA-256 of every
-file of that checkpoint, written once orbax has committed it), and `.lock`
-while a run holds the folder. A checkpoint without its digest was cut off
+file of that checkpoint, written once orbax has committed it), TensorBoard
+event files (`crossbow_jax.engine.events`), and `.lock` while a run holds
+the folder. A checkpoint without its digest was cut off
 between orbax's commit and the digest (or written by crossbow_jax before
 digests), and one whose files no longer match is damaged: resume and
 `load_run` skip both for the newest intact step.
@@ -35,6 +36,10 @@ DIGESTS_KEPT = "checkpoint_digests"
 """`config.json` key: the run keeps digests, so a checkpoint without one is damaged."""
 RUN_FILES = (CONFIG_FILE, "result.json", "history.json", "tuning.json")
 """Files a run writes at the folder's top level (removed, with its checkpoints, by overwrite)."""
+EVENTS = "events.out.tfevents."
+"""How TensorBoard event files begin (`crossbow_jax.engine.events`; removed by overwrite)."""
+WRITING: set[str] = set()
+"""Name endings of the event files this process is writing (which overwrite keeps)."""
 
 
 class CheckpointError(RuntimeError):
@@ -64,7 +69,9 @@ def clear(folder: str) -> None:
     for name in (CHECKPOINTS, DIGESTS, DAMAGED):
         if os.path.isdir(os.path.join(folder, name)):
             shutil.rmtree(os.path.join(folder, name))
-    for name in RUN_FILES:
+    events = [name for name in os.listdir(folder)
+              if name.startswith(EVENTS) and not name.endswith(tuple(WRITING))]  # fmt: skip
+    for name in (*RUN_FILES, *events):
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(folder, name))
 

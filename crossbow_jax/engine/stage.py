@@ -76,6 +76,7 @@ def run_plan(stage: Stage, plan, state, test, history: History, timer, save, int
     setup = stage.setup
     for length in sorted({chunk.length for chunk in plan}):  # compile before the clock runs
         stage.dispatch[length]
+    history.traffic = setup.compiler.traffic  # (read from the programs just compiled)
     signum = preemption.poll(interrupt.signals, False)[0] if plan else 0
     if signum:
         interrupt(signum, plan[0].start, state)
