@@ -1,4 +1,4 @@
-"""`crossbow-jax sweep`: run a sweep file (any `get_config(quick)`) or one of the paper's experiments.
+"""`crossbow-jax sweep`: run a sweep file (any `get_config(quick)`) or a paper experiment.
 
 `crossbow-jax sweep path/to/my_sweep.py` runs the config its
 `get_config(quick)` returns with the package's runner (`crossbow_jax.sweeps`;
@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
         type=_shard,
         default=(0, 1),
         metavar="I/N",
-        help="run only every N-th run, starting at I (N processes share a sweep; default 0/1)",
+        help="run only every N-th run, starting at I, so N processes share a sweep (default: 0/1)",
     )
     parser.add_argument("--data-dir", metavar="DIR", help="data set cache (default: the package's)")
 

@@ -186,7 +186,8 @@ def check_config(config: Any, name: str | None = None) -> dict[str, Any]:
     table = config.setdefault("table", _default_table(config))
     if not (isinstance(table, dict) and {"group", "figures"} <= set(table)):
         raise ConfigError(
-            f"the config's table is {table!r}; write it as {{'group': [keys], 'figures': [figures]}}"
+            f"the config's table is {table!r}; write it as "
+            "{'group': [keys], 'figures': [figures]}"
         )
     return config
 
