@@ -1,7 +1,8 @@
 """crossbow_jax: CROSSBOW on JAX.
 
 Many small-batch model replicas ("learners") per device, kept together by
-Synchronous Model Averaging (SMA).
+Synchronous Model Averaging (SMA). `train` runs one training run; `sweep`
+runs a grid of them into resumable JSONL rows, a table and a plot.
 """
 
 from crossbow_jax.api import train
@@ -14,6 +15,7 @@ from crossbow_jax.engine import (
     TrainResult,
     load_run,
 )
+from crossbow_jax.sweeps import sweep
 from crossbow_jax.transformation import (
     DiLoCoState,
     HierarchicalState,
@@ -28,8 +30,7 @@ from crossbow_jax.transformation import (
     sma_average,
     ssgd,
 )
-
-__version__ = "0.1.0"
+from crossbow_jax.version import __version__
 
 __all__ = [
     "CheckpointError",
@@ -52,5 +53,6 @@ __all__ = [
     "sma",
     "sma_average",
     "ssgd",
+    "sweep",
     "train",
 ]

@@ -1,7 +1,7 @@
 """Scripted sweeps that reproduce the CROSSBOW paper's claims (see docs/results.md).
 
 One small config module per experiment (`get_config(quick)` returns the grid
-and fixed settings; the shared runner `experiments._sweep` does the work):
+and fixed settings; the package's sweep runner, `crossbow_jax.sweeps`, does the work):
 
     python -m experiments.<name> [--quick] [--seeds N] [--out DIR]
     crossbow-jax sweep <name> [--quick] [--seeds N] [--out DIR]
@@ -12,7 +12,7 @@ so a stopped sweep resumes), with a plot `<name>.png` and a table `<name>.md`.
 
 import importlib
 
-from experiments._sweep import add_arguments, run_from_args
+from experiments._sweep import run_from_args
 
 EXPERIMENTS = (
     "hardware_efficiency",
@@ -25,7 +25,7 @@ EXPERIMENTS = (
 )
 
 
-__all__ = ["EXPERIMENTS", "add_arguments", "get_config", "run_from_args"]
+__all__ = ["EXPERIMENTS", "get_config", "run_from_args"]
 
 
 def get_config(name: str, quick: bool = False) -> dict:

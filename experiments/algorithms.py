@@ -18,11 +18,12 @@ read from the compiled step. Three seeds per point (`--seeds N` for another coun
     crossbow-jax sweep algorithms --quick      # CI: seconds, synthetic data
 """
 
+from crossbow_jax.sweeps import ensure_devices
 from experiments import _sweep
 
 DEVICES, LEARNERS, BATCH, LR = 4, 4, 16, 0.01
 K, MNIST_TRAIN = DEVICES * LEARNERS, 60_000
-_sweep.ensure_devices(8)  # before anything imports and starts JAX
+ensure_devices(8)  # before anything imports and starts JAX
 
 MEMBERS = (
     ("ssgd", 1),

@@ -13,10 +13,11 @@ split; it measures no speed-up.
     crossbow-jax sweep device_scaling --quick
 """
 
+from crossbow_jax.sweeps import ensure_devices
 from experiments import _sweep
 
 DEVICES = 8
-_sweep.ensure_devices(DEVICES)  # before anything imports and starts JAX
+ensure_devices(DEVICES)  # before anything imports and starts JAX
 
 K, BATCH, MNIST_TRAIN = 16, 16, 60_000
 

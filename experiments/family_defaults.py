@@ -30,9 +30,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from experiments import _sweep
+from crossbow_jax.sweeps import ensure_devices, environment
 
-_sweep.ensure_devices(2)  # before anything imports and starts JAX
+ensure_devices(2)  # before anything imports and starts JAX
 
 import flax.linen as nn
 
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
             continue
         figures = train_one(run, split)
         print(run, figures, flush=True)
-        done["environment"] = _sweep.environment()
+        done["environment"] = environment()
         done["runs"].append({"run": run, **figures})
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(done, indent=1))

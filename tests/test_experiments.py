@@ -1,12 +1,15 @@
-"""The experiment sweeps (experiments/): every quick variant runs for real and writes its
-rows, plot and table; a second run skips the rows already there (resume)."""
+"""The paper's sweeps (experiments/ on the runner crossbow_jax.sweeps): every quick variant
+runs for real and writes its rows, plot and table; a second run skips the rows already there
+(resume)."""
 
 import json
 
 import pytest
 
+from crossbow_jax import sweeps
 from crossbow_jax.cli import main as cli_main
-from experiments import EXPERIMENTS, _report, _sweep, get_config
+from crossbow_jax.sweeps import report
+from experiments import EXPERIMENTS, _sweep, get_config
 
 ROW_FIELDS = {
     "experiment",
@@ -38,8 +41,8 @@ SLOW = {"statistical_efficiency_resnet32"}  # compiling ResNet-32 alone takes 20
 )
 def test_quick_sweep_writes_rows_plot_table_and_resumes(name, out):
     config = get_config(name, quick=True)
-    rows = _sweep.run_sweep(config, out, log=quiet)
-    assert sorted(r["key"] for r in rows) == sorted(r["key"] for r in _sweep.expand(config))
+    rows = sweeps.sweep(config, out, log=quiet)
+    assert sorted(r["key"] for r in rows) == sorted(r["key"] for r in sweeps.expand(config))
     path = out / f"{name}.jsonl"
     lines = path.read_text().splitlines()
     assert len(lines) == len(rows) >= 2
@@ -57,7 +60,7 @@ def test_quick_sweep_writes_rows_plot_table_and_resumes(name, out):
     for spec in config.get("ratios", ()):
         assert spec["title"] in (out / f"{name}.md").read_text()
 
-    again = _sweep.run_sweep(config, out, log=quiet)  # nothing left to run
+    again = sweeps.sweep(config, out, log=quiet)  # nothing left to run
     assert path.read_text().splitlines() == lines and len(again) == len(rows)
 
 
@@ -87,25 +90,25 @@ def fake_training(monkeypatch):
             "curve": [[1.0, 0.5]],
         }
 
-    monkeypatch.setitem(_sweep.MEASURES, "train", measure)
+    monkeypatch.setitem(sweeps.MEASURES, "train", measure)
     return calls
 
 
 def test_expand_runs_seed_by_seed_with_per_point_seed_caps():
-    runs = _sweep.expand(_fake_config())
+    runs = sweeps.expand(_fake_config())
     assert [(r["labels"]["variant"], r["seed"]) for r in runs] == [("a", 0), ("b", 0), ("a", 1)]
     assert runs[0]["settings"]["learning_rate"] == 0.1 and "variant" not in runs[0]["settings"]
     assert len({r["key"] for r in runs}) == 3
-    assert [r["key"] for r in _sweep.expand(_fake_config())] == [r["key"] for r in runs]
+    assert [r["key"] for r in sweeps.expand(_fake_config())] == [r["key"] for r in runs]
 
 
 def test_half_done_sweep_resumes_with_the_missing_runs_only(tmp_path, fake_training):
     config = _fake_config()
-    _sweep.run_sweep(config, tmp_path, seeds=1, log=quiet)
+    sweeps.sweep(config, tmp_path, seeds=1, log=quiet)
     assert fake_training == [("a", 0), ("b", 0)]
     with (tmp_path / "fake.jsonl").open("a") as f:
         f.write('{"torn": ')  # a run killed while writing its row
-    rows = _sweep.run_sweep(config, tmp_path, log=quiet)
+    rows = sweeps.sweep(config, tmp_path, log=quiet)
     assert fake_training == [("a", 0), ("b", 0), ("a", 1)] and len(rows) == 3
     table = (tmp_path / "fake.md").read_text()
     assert "| a | 2 | 0.5500 ± 0.0707 | not reached (0/2) |" in table
@@ -113,9 +116,9 @@ def test_half_done_sweep_resumes_with_the_missing_runs_only(tmp_path, fake_train
 
 def test_shards_split_a_sweep_between_processes(tmp_path, fake_training):
     config = _fake_config()  # runs: (a, 0), (b, 0), (a, 1)
-    _sweep.run_sweep(config, tmp_path, shard=(1, 2), log=quiet)
+    sweeps.sweep(config, tmp_path, shard=(1, 2), log=quiet)
     assert fake_training == [("b", 0)]
-    rows = _sweep.run_sweep(config, tmp_path, shard=(0, 2), log=quiet)
+    rows = sweeps.sweep(config, tmp_path, shard=(0, 2), log=quiet)
     assert fake_training == [("b", 0), ("a", 0), ("a", 1)] and len(rows) == 3
     with pytest.raises(SystemExit):
         _sweep.main("sensitivity", ["--quick", "--shard", "2/2"])
@@ -127,8 +130,8 @@ def test_summaries_count_diverged_and_unreached_runs():
         {"figures": {"epochs_to_target": 2.0}},
         {"figures": {"epochs_to_target": None}},
     ]
-    assert _report.summarise(rows, "epochs_to_target") == "2.00 (1/3), 1 diverged"
-    assert _report.summarise(rows[:1], "final_accuracy") == "diverged (1/1)"
+    assert report.summarise(rows, "epochs_to_target") == "2.00 (1/3), 1 diverged"
+    assert report.summarise(rows[:1], "final_accuracy") == "diverged (1/1)"
 
 
 def test_table_sorts_groups_numbers_by_value_then_text():
@@ -137,7 +140,7 @@ def test_table_sorts_groups_numbers_by_value_then_text():
         {"labels": {"k": k, "variant": v}, "figures": {"final_accuracy": 0.5}}
         for k, v in [(16, "sma"), (4, "ssgd"), (4, "sma"), (None, "sma")]
     ]
-    lines = _report.table(config, rows).splitlines()[2:]
+    lines = report.table(config, rows).splitlines()[2:]
     assert [line.split(" | ")[:2] for line in lines] == [
         ["| 4", "sma"],
         ["| 4", "ssgd"],
@@ -171,7 +174,7 @@ def test_ratio_matrix_divides_the_means_of_two_groups_cell_by_cell():
         "where": {"model": "lenet"},
         "title": "ratio",
     }
-    lines = _report.ratio_matrix(spec, rows).splitlines()
+    lines = report.ratio_matrix(spec, rows).splitlines()
     assert lines[0] == "ratio" and lines[2] == "| batch_size \\ learners_per_device | 1 | 4 |"
     assert lines[4:] == ["| 8 | 0.50 | 3.00 |", "| 16 |  |  |"]  # no ssgd row at b = 16
 
@@ -192,8 +195,8 @@ def test_committed_results_hold_a_row_for_every_run_of_the_first_seed(name):
     the rows docs/results.md quotes: a rerun would redo them and the tables drop them."""
     path = _sweep.RESULTS / f"{name}.jsonl"
     assert path.exists(), f"no committed results for {name}"
-    keys = {row["key"] for row in _sweep.read_rows(path)}
+    keys = {row["key"] for row in sweeps.read_rows(path)}
     missing = [
-        r["labels"] for r in _sweep.expand(get_config(name), seeds=1) if r["key"] not in keys
+        r["labels"] for r in sweeps.expand(get_config(name), seeds=1) if r["key"] not in keys
     ]
     assert not missing, f"{name}: no committed row for {missing}"

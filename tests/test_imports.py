@@ -3,7 +3,7 @@
 Layers, top to bottom (a module may import its own layer's modules and any
 lower layer's, never a higher one's):
 
-    cli, experiments  ->  crossbow_jax (api, demo)  ->  tuning  ->  engine
+    cli, experiments  ->  crossbow_jax (api, demo, sweeps)  ->  tuning  ->  engine
     ->  transformation, models, data
 
 Every import is read from the source, function-local ones included.
@@ -21,6 +21,7 @@ LAYERS = {
     "crossbow_jax.__main__": 4,  # `python -m crossbow_jax`: the shell
     "experiments": 4,
     "crossbow_jax": 3,  # the package itself, api.py, demo.py, __main__.py
+    "crossbow_jax.sweeps": 3,  # the sweep runner: calls `train`, the engine and the tuner
     "crossbow_jax.tuning": 2,
     "crossbow_jax.engine": 1,
     "crossbow_jax.transformation": 0,
