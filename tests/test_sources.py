@@ -106,14 +106,21 @@ def test_random_transforms_draw_from_seed_epoch_and_record():
         return (x if rng is None else x + rng.random(), y)
 
     records = Records(_Marked(64), jitter)
-    one = [x for x, _ in StreamedSource(records, 16, seed=1, workers=0).epoch(3)]
-    two = [x for x, _ in StreamedSource(records, 16, seed=1, workers=0).epoch(3, start_image=32)]
+
+    def inputs(source, epoch, start=0):
+        try:  # closed: its pipeline reads ahead on threads while it is open
+            return [x for x, _ in source.epoch(epoch, start_image=start)]
+        finally:
+            source.close()
+
+    one = inputs(StreamedSource(records, 16, seed=1, workers=0), 3)
+    two = inputs(StreamedSource(records, 16, seed=1, workers=0), 3, start=32)
     np.testing.assert_array_equal(np.concatenate(one[2:]), np.concatenate(two))
-    other = np.concatenate([x for x, _ in StreamedSource(records, 16, 1, workers=0).epoch(4)])
+    other = np.concatenate(inputs(StreamedSource(records, 16, 1, workers=0), 4))
     assert not np.array_equal(np.sort(np.concatenate(one), 0), np.sort(other, 0))
     seen.clear()
     evaluated = StreamedSource(records, 16, 1, workers=0, shuffle=False, training=False)
-    x = np.concatenate([x for x, _ in evaluated.epoch(0)])
+    x = np.concatenate(inputs(evaluated, 0))
     np.testing.assert_array_equal(x[:, 0], np.arange(64))  # in order, not jittered
     assert seen and all(rng is None for rng in seen)
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from crossbow_jax.engine import mapping
-from crossbow_jax.engine.inputs import as_engine_dtype, as_model_layout
+from crossbow_jax.engine.dtypes import as_engine_dtype, as_model_layout
 from crossbow_jax.engine.plan import Chunk, Layout
 
 

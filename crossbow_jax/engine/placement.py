@@ -18,8 +18,9 @@ import numpy as np
 
 from crossbow_jax.engine import mapping
 from crossbow_jax.engine.config import ConfigError, TrainConfig
+from crossbow_jax.engine.dtypes import as_engine_dtype
 from crossbow_jax.engine.feed import ArraySource, Feeder
-from crossbow_jax.engine.inputs import Arrays, as_engine_dtype
+from crossbow_jax.engine.inputs import Arrays
 from crossbow_jax.engine.optimizers import milestone_steps
 from crossbow_jax.engine.plan import Chunk, Clock, Layout
 

@@ -13,6 +13,7 @@ import numpy as np
 from crossbow_jax.data import DatasetError
 from crossbow_jax.data.streaming import Records, StreamedSource, default_workers, read_all
 from crossbow_jax.engine.config import ConfigError
+from crossbow_jax.engine.dtypes import as_engine_dtype, as_model_layout
 
 PLACED_BYTES = 2 << 30
 """A source up to this size (and half a device's free memory, where known) is read whole
@@ -35,8 +36,6 @@ class SourceOptions:
 
 def sample(records: Records, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A split's sample (inputs, labels, record indices), dtypes as the engine keeps them."""
-    from crossbow_jax.engine.inputs import as_engine_dtype, as_model_layout
-
     try:
         x, y, rows = records.sample()
     except DatasetError as e:
