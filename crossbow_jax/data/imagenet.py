@@ -264,7 +264,7 @@ class ImageNetSource:
         seed: Fixes shuffling and random crops: epoch `e` is the same on
             every run, whatever the number of workers.
         num_workers: grain worker processes that decode (0: threads of this
-            process; default: the CPU count less one, 1..8).
+            process; default: the CPU count less one, at most 8; 0 on 2 cores).
         labels_file: For a flat validation folder (see the module docstring).
         cache_dir: Where the file listing is cached.
     """

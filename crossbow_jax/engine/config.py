@@ -169,7 +169,7 @@ class TrainConfig:
     )  # fmt: skip
     data_workers: int | None = option(
         None, "worker processes that read a streamed data set through grain (0: threads "
-        "of the run's process; default: the host's cores less one, 1..8)",
+        "of the run's process; default: the host's cores less one, at most 8; 0 on 2 cores)",
         _E, at_least=0, metavar="N", identity=False,
     )  # fmt: skip
     num_devices: int | None = option(

@@ -14,11 +14,11 @@ a temporary `imagenet/train/<wnid>/` folder, then:
   by (a) the thread pool the project used before grain (rewritten here from the removed
   `ImageNetSource.epoch`: a `ThreadPoolExecutor` of one thread per core decoding each
   image, two batches ahead), (b) grain with threads of this process
-  (`num_workers=0`) and (c) grain with worker processes (`num_workers` = the host's
-  cores less one, at least 1). Figures: images/s after the first batch, and the
+  (`num_workers=0`) and (c) grain with worker processes (`num_workers` = the default,
+  the host's cores less one, or 1 where the default is threads). Figures: images/s after the first batch, and the
   seconds to the first batch (grain's workers start then);
 - host share: `crossbow_jax.train` on the folder (a small CNN of this script, 1 device,
-  2 learners at batch 16: 32 images a step) with the default workers; the share is the
+  2 learners at batch 16: 32 images a step) with the default `data_workers`; the share is the
   time the loop waited for the feeder's batches over the loop's time.
 
 One process, one measurement after another; ratios are within this run.
@@ -92,7 +92,7 @@ def loaders(root: pathlib.Path) -> dict[str, dict[str, float]]:
     from crossbow_jax.data import load_imagenet
     from crossbow_jax.data.streaming import default_workers
 
-    cores, workers = os.cpu_count() or 1, default_workers()
+    cores, workers = os.cpu_count() or 1, max(1, default_workers())
     rows = {}
     source = load_imagenet(data_dir=str(root), batch_size=64, num_workers=0)
     rows[f"thread pool ({cores} threads, before grain)"] = measure(
