@@ -202,3 +202,13 @@ def test_sources_refuse_what_cannot_take_effect():
     undeclared = grain.MapDataset.source(train)
     with pytest.raises(ConfigError, match="give the source a num_classes attribute"):
         crossbow_jax.train("lenet", undeclared, **FAST)
+
+
+def test_a_record_that_cannot_be_read_is_named():
+    class Columns(BlobSource):  # indexes like a table of columns: [i] is not record i
+        def __getitem__(self, key):
+            return {"x": self.x, "label": self.y}[key]
+
+    train, _ = blob_sources()
+    with pytest.raises(ConfigError, match=r"reading record 0 of the Columns failed \(KeyError"):
+        crossbow_jax.train(MLP(), Columns(train.x, train.y), **FAST)

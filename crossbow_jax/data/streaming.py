@@ -125,7 +125,18 @@ class Records:
         if len(self) == 0:
             raise DatasetError(f"the source {type(self.source).__name__} is empty")
         rows = np.unique(np.linspace(0, len(self) - 1, min(count, len(self))).round())
-        return (*stack([self.read(int(i)) for i in rows], rows), rows.astype(np.int64))
+        pairs = []
+        for i in rows:
+            try:
+                pairs.append(self.read(int(i)))
+            except DatasetError:
+                raise
+            except Exception as e:  # noqa: BLE001 -- named with its record, before any work
+                raise DatasetError(
+                    f"reading record {int(i)} of the {type(self.source).__name__} failed "
+                    f"({type(e).__name__}: {e}); a source's [i] must return record i"
+                ) from e
+        return (*stack(pairs, rows), rows.astype(np.int64))
 
 
 def stack(pairs: list[tuple[np.ndarray, np.ndarray]], rows) -> tuple[np.ndarray, np.ndarray]:
