@@ -35,7 +35,7 @@ import numpy as np
 from crossbow_jax.data import _fetch
 from crossbow_jax.data._core import DatasetError, DatasetInfo
 from crossbow_jax.data._imaging import decode
-from crossbow_jax.data.streaming import Records, StreamedSource, default_workers
+from crossbow_jax.data.streaming import Records, StreamedSource, batch_count, default_workers
 
 IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png"})
 LABEL_FILES = ("{split}_labels.txt", "{split}.txt", "LOC_{split}_solution.csv")
@@ -319,8 +319,7 @@ class ImageNetSource:
     @property
     def num_batches(self) -> int:
         """Batches per epoch."""
-        n, b = len(self), self.batch_size
-        return n // b if self.drop_remainder else -(-n // b)
+        return batch_count(len(self), self.batch_size, self.drop_remainder)
 
     def stream(self) -> StreamedSource:
         """The grain pipeline of this split's batches (one pipeline across epochs)."""

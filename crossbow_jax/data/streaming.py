@@ -41,6 +41,17 @@ def is_source(value: Any) -> bool:
     return hasattr(value, "__len__") and hasattr(value, "__getitem__")
 
 
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of an epoch's `n` records, the same wherever they live (device-resident
+    arrays, arrays fed from the host, sources): the permutation `default_rng([seed, epoch])`."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_count(images: int, per_batch: int, drop_remainder: bool) -> int:
+    """Batches of `per_batch` in `images`: whole ones only, or the last one smaller too."""
+    return images // per_batch if drop_remainder else -(-images // per_batch)
+
+
 def default_workers() -> int:
     """Worker processes for a host's cores: one per core, one core left to the run, at most
     8; none (threads) on 2 cores or fewer, where threads read ImageNet JPEGs 1.25x faster
@@ -163,11 +174,8 @@ class _Batches:
 
     def __init__(self, n: int, per_batch: int, epoch: int, first: int, drop: bool, epochs: int):
         self.n, self.per, self.epoch, self.first, self.drop = n, per_batch, epoch, first, drop
-        self.head = self._count(n - first)  # batches left in the first epoch
-        self.length = self.head + self._count(n) * epochs
-
-    def _count(self, images: int) -> int:
-        return images // self.per if self.drop else -(-images // self.per)
+        self.head = batch_count(n - first, per_batch, drop)  # left in the first epoch
+        self.length = self.head + batch_count(n, per_batch, drop) * epochs
 
     def __len__(self) -> int:
         return self.length
@@ -176,7 +184,7 @@ class _Batches:
         if k < self.head:
             epoch, begin = self.epoch, self.first + k * self.per
         else:
-            later, j = divmod(k - self.head, self._count(self.n))
+            later, j = divmod(k - self.head, batch_count(self.n, self.per, self.drop))
             epoch, begin = self.epoch + 1 + later, j * self.per
         return epoch, begin, min(begin + self.per, self.n)
 
@@ -192,8 +200,7 @@ class _ReadBatch:
     def order(self, epoch: int) -> np.ndarray:
         if self._order is None or self._order[0] != epoch:
             n = len(self.records)
-            perm = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
-                    else np.arange(n))  # fmt: skip
+            perm = epoch_order(self.seed, epoch, n) if self.shuffle else np.arange(n)
             self._order = (epoch, perm)
         return self._order[1]
 
@@ -224,8 +231,7 @@ class StreamedSource:
         self.records, self.per, self.workers = records, per_batch, workers
         self.read = _ReadBatch(records, seed, shuffle, training)
         self.drop = drop_remainder
-        n = len(records)
-        self.num_batches = n // per_batch if drop_remainder else -(-n // per_batch)
+        self.num_batches = batch_count(len(records), per_batch, drop_remainder)
         self._iter, self._at = None, None  # the live pipeline and where it stands
 
     def epoch(self, epoch: int, start_batch: int = 0, *, start_image: int | None = None
@@ -233,8 +239,7 @@ class StreamedSource:
         """Yields (inputs, labels) of one step each, from batch `start_batch` on, or from
         `start_image` images into the epoch's order, to the epoch's end."""
         first = start_batch * self.per if start_image is None else start_image
-        n = len(self.records)
-        count = (n - first) // self.per if self.drop else -(-(n - first) // self.per)
+        count = batch_count(len(self.records) - first, self.per, self.drop)
         if self._at != (epoch, first):
             self._open(epoch, first)
         for _ in range(count):

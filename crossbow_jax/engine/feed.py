@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from crossbow_jax.data.streaming import epoch_order
 from crossbow_jax.engine import mapping
 from crossbow_jax.engine.dtypes import as_engine_dtype, as_model_layout
 from crossbow_jax.engine.plan import Chunk, Layout
@@ -49,7 +50,7 @@ class ArraySource:
         self.num_batches = len(x) // images_per_step
 
     def epoch(self, epoch: int, start_batch: int = 0, *, start_image: int | None = None):
-        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.x))
+        perm = epoch_order(self.seed, epoch, len(self.x))
         first = start_batch * self.per_step if start_image is None else start_image
         for begin in range(first, len(self.x) - self.per_step + 1, self.per_step):
             rows = perm[begin : begin + self.per_step]

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from crossbow_jax.data.streaming import epoch_order
 from crossbow_jax.engine import mapping
 from crossbow_jax.engine.config import ConfigError, TrainConfig
 from crossbow_jax.engine.dtypes import as_engine_dtype
@@ -97,7 +98,7 @@ class TrainData:
         if self.placement == "host":
             self.feeder.start(epoch, chunks)
             return
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_train)
+        perm = epoch_order(self.seed, epoch, self.num_train)
         self.perm = self._put(perm.astype(np.int32))
 
     def _start(self, position: int):

@@ -11,7 +11,13 @@ from typing import Any
 import numpy as np
 
 from crossbow_jax.data import DatasetError
-from crossbow_jax.data.streaming import Records, StreamedSource, default_workers, read_all
+from crossbow_jax.data.streaming import (
+    LABEL_KEYS,
+    Records,
+    StreamedSource,
+    default_workers,
+    read_all,
+)
 from crossbow_jax.engine.config import ConfigError
 from crossbow_jax.engine.dtypes import as_engine_dtype, as_model_layout
 
@@ -74,7 +80,7 @@ def declared_classes(source: Any) -> int | None:
         return int(count)
     features = getattr(source, "features", None)
     if isinstance(features, dict):
-        for key in ("label", "labels", "y", "target", "targets"):
+        for key in LABEL_KEYS:
             count = getattr(features.get(key), "num_classes", None)
             if isinstance(count, int) and count > 0:
                 return count

@@ -57,7 +57,9 @@ def make_folder(root: pathlib.Path, images: int, classes: int = 8) -> None:
 
 def thread_pool_epoch(source, epoch: int, threads: int, prefetch: int = 2):
     """The loader before grain: each image decoded on a thread pool, batches ahead."""
-    order = np.random.default_rng([source.seed, epoch]).permutation(len(source))
+    from crossbow_jax.data.streaming import epoch_order
+
+    order = epoch_order(source.seed, epoch, len(source))
     b = source.batch_size
     batches = [order[i : i + b] for i in range(0, len(order) - b + 1, b)]
 
