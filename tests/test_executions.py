@@ -299,8 +299,10 @@ def online():
 
 
 class Slowed(OnlineExecutions):
-    """The chooser, seeing one candidate's dispatches as 10x slower than they ran (a
-    fake-slow candidate, without sleeping)."""
+    """The chooser, seeing one candidate's dispatches as 1000x slower than they ran (a
+    fake-slow candidate, without sleeping). Each candidate is judged on one dispatch of a
+    tiny MLP (about a millisecond): at 10x, a stall of the other worker's load on a 2-core
+    machine made the real candidate look slower once in a fresh clone's suite."""
 
     def __init__(self, *args, slow: str, **kwargs):
         super().__init__(*args, **kwargs)
@@ -308,7 +310,7 @@ class Slowed(OnlineExecutions):
 
     def observe(self, execution, samples, compile_seconds, remaining, cold):
         if execution == self.slow:
-            samples = [(images, 10 * seconds, steps) for images, seconds, steps in samples]
+            samples = [(images, 1000 * seconds, steps) for images, seconds, steps in samples]
         return super().observe(execution, samples, compile_seconds, remaining, cold)
 
 
