@@ -109,3 +109,52 @@ def on_sync(
 def keep_dtype(new: Any, like: Any) -> Any:
     """`new` cast leaf by leaf to the dtypes of `like`."""
     return jax.tree.map(lambda n, o: jnp.asarray(n).astype(jnp.result_type(o)), new, like)
+
+
+def check_fragments(fragments: Any, every: int | jax.Array) -> int:
+    """The number of fragments: an int >= 1 that divides the period `every`."""
+    if isinstance(fragments, bool) or not isinstance(fragments, numbers.Integral) or fragments < 1:
+        raise ValueError(f"fragments={fragments!r} must be an int >= 1 (1: the whole model at once)")
+    fragments = int(fragments)
+    if fragments == 1:
+        return 1
+    if not isinstance(every, int):
+        raise ValueError(
+            f"fragments={fragments} needs a fixed period (an int every), not one set at run time"
+        )
+    if every % fragments:
+        raise ValueError(
+            f"fragments={fragments} must divide every={every} (fragment f syncs at offset "
+            f"f*every/fragments); use every={every - every % fragments or fragments} or fragments "
+            "that divide it"
+        )
+    return fragments
+
+
+def sync_branch(t: Any, every: Any, fragments: int = 1, warmup_steps: int = 0) -> Any:
+    """What the update with `t` updates before it synchronises, as a branch index.
+
+    0: nothing; 1 + f: fragment f (f = 0, the whole model, when `fragments` is 1).
+    Fragment f syncs every `every` updates at offset `f * every / fragments`: when
+    `(t + 1) % every == f * every / fragments`, so fragment 0 syncs on the steps an
+    unfragmented period syncs on. The first `warmup_steps` updates all sync (branch 1;
+    local SGD's warm-up of every-step averaging). Works on ints and NumPy arrays (the
+    engine counts a run's syncs with it) and on traced JAX integers (the transformations
+    branch on it).
+    """
+    xp = jnp if isinstance(t, jax.Array) or isinstance(every, jax.Array) else np
+    stride = every // fragments
+    r = (xp.asarray(t) + 1) % every
+    branch = xp.where(r % stride == 0, 1 + r // stride, 0)
+    if warmup_steps:
+        branch = xp.where(xp.asarray(t) < warmup_steps, 1, branch)
+    return branch
+
+
+def branch_counts(start: int, end: int, every: int, fragments: int = 1,
+                  warmup_steps: int = 0) -> list[int]:  # fmt: skip
+    """How many of the updates with t in [start, end) updates before them take each branch
+    of `sync_branch` (index 0: no sync; 1 + f: fragment f)."""
+    t = np.arange(start, end, dtype=np.int64)
+    branches = sync_branch(t, every, fragments, warmup_steps)
+    return np.bincount(branches, minlength=1 + fragments).tolist()
