@@ -123,3 +123,87 @@ def hierarchical_reference(
             shift = theta[None] - z
             w, z, z_prev = w + shift[host], z + shift, z_prev + shift
     return w, z, theta
+
+
+LEAVES = (slice(0, 3), slice(3, 7))  # the harness's two parameter leaves, as columns
+LEVELS = {"int8": 127, "int4": 7}
+
+
+def quantised(c, kind, block=256):
+    """What a device's contribution `c` (N,) arrives as: per leaf, blocks of `block` values
+    scaled by max|c| / levels and rounded (int8, int4), or rounded to bfloat16."""
+    if kind == "bf16":
+        import ml_dtypes
+
+        return np.asarray(c, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+    out = np.empty_like(c)
+    for cols in LEAVES:
+        x = c[cols]
+        pad = np.concatenate([x, np.zeros(-x.size % block)]).reshape(-1, block)
+        top = np.abs(pad).max(axis=1, keepdims=True)
+        scale = np.where(top > 0, top / LEVELS[kind], 1.0)
+        q = np.clip(np.round(pad / scale), -LEVELS[kind], LEVELS[kind]) * scale
+        out[cols] = q.reshape(-1)[: x.size]
+    return out
+
+
+def diloco_options_reference(
+    w0, s, t, *, devices, steps, lr, beta, every, outer_lr, outer_beta, fragments=None,
+    mask=None, compress=None, error_feedback=True, overlap=0,
+):  # fmt: skip
+    """DiLoCo with its options, written from their definitions (diloco.py's docstring).
+
+    fragments: list of column index arrays (fragment f syncs when (step + 1) % every ==
+    f * every / F, with its own outer momentum); mask(step) -> (k,) 0/1 participants of
+    the sync at that step (non-participants keep their weights); compress: each device
+    sends its sum over participants of (theta - w'_j) plus its residual, quantised;
+    overlap=1: the outer step and the restart (onto theta + this step's u_j) come one
+    update after the sync.
+    """
+    k, n = s.shape
+    m = k // devices
+    fragments = fragments or [np.arange(n)]
+    stride = every // len(fragments)
+    w = np.tile(np.asarray(w0, np.float64), (k, 1))
+    theta = np.asarray(w0, np.float64).copy()
+    buf, outer_buf = np.zeros_like(w), np.zeros_like(theta)
+    error = np.zeros((devices, n))
+    pending = None  # (fragment columns, delta, participants)
+    for step in range(steps):
+        u, buf = sgd_step(s * w - t, buf, lr, beta)
+        w_new = w + u
+        if pending is not None:  # overlap: the last step's sync lands now
+            cols, delta, who = pending
+            outer_u, outer_buf[cols] = nesterov_sgd_step(delta, outer_buf[cols], outer_lr, outer_beta)
+            theta[cols] = theta[cols] + outer_u
+            w_new[np.ix_(who, cols)] = theta[cols] + u[np.ix_(who, cols)]
+            pending = None
+        r = (step + 1) % every
+        if r % stride == 0:
+            cols = fragments[r // stride]
+            who = np.ones(k, bool) if mask is None else np.asarray(mask(step)) > 0
+            if who.any():
+                if compress is None:
+                    delta = theta[cols] - w_new[np.ix_(who, cols)].mean(axis=0)
+                else:
+                    total = np.zeros(n)
+                    for d in range(devices):
+                        rows = np.arange(d * m, (d + 1) * m)
+                        rows = rows[who[rows]]
+                        c = len(rows) * theta - w_new[rows].sum(axis=0)
+                        c_all = np.where(np.isin(np.arange(n), cols), c + error[d], 0.0)
+                        sent = quantised(c_all, compress)
+                        if error_feedback:
+                            error[d, cols] = c_all[cols] - sent[cols]
+                        total += sent
+                    delta = total[cols] / who.sum()
+                if overlap:
+                    pending = (cols, delta, np.flatnonzero(who))
+                else:
+                    outer_u, outer_buf[cols] = nesterov_sgd_step(
+                        delta, outer_buf[cols], outer_lr, outer_beta
+                    )
+                    theta[cols] = theta[cols] + outer_u
+                    w_new[np.ix_(who, cols)] = theta[cols]
+        w = w_new
+    return w, theta

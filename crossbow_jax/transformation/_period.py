@@ -89,19 +89,28 @@ def on_sync(
     sync = is_sync(count, period)
     sync_fn = lambda o, fn=sync_fn: keep_dtype(fn(o), o)
     skip_fn = lambda o: o
+    return _typed(lambda fns: lax.cond(sync, fns[1], fns[0], operand), [skip_fn, sync_fn], operand)
+
+
+def on_branch(index: jax.Array, branches: list[Callable[[Any], Any]], operand: Any) -> Any:
+    """`branches[index](operand)` by `lax.switch` (index 0 is usually "no sync"); outputs
+    take the dtypes of `operand`'s leaves and, as in `on_sync`, are marked varying where
+    the branches' types differ only in that."""
+    fns = [lambda o, fn=fn: keep_dtype(fn(o), o) for fn in branches]
+    return _typed(lambda fns: lax.switch(index, fns, operand), fns, operand)
+
+
+def _typed(run: Callable[[list], Any], fns: list[Callable[[Any], Any]], operand: Any) -> Any:
+    """`run(fns)`; when tracing fails on types and the operand varies over mesh axes, again
+    with every branch's outputs marked varying over those axes."""
     try:
-        return lax.cond(sync, sync_fn, skip_fn, operand)
+        return run(fns)
     except TypeError as error:
         axes = _varying_axes(operand)
         if not axes:
             raise
         try:
-            return lax.cond(
-                sync,
-                lambda o: _as_varying(sync_fn(o), axes),
-                lambda o: _as_varying(skip_fn(o), axes),
-                operand,
-            )
+            return run([lambda o, fn=fn: _as_varying(fn(o), axes) for fn in fns])
         except Exception:  # noqa: BLE001 -- the first error is the one to show
             raise error from None
 

@@ -1,0 +1,56 @@
+"""Fragments of a model for Streaming DiLoCo: which parameters sync together.
+
+A layer is the leaves under one parent in the parameter tree (a Dense layer's
+kernel and bias); a leaf at the top of the tree is a layer of its own. Layers,
+in the tree's order, go to fragments in strided order: layer i to fragment
+i % F (Douillard et al. 2025, "Streaming DiLoCo": strided fragments spread
+each fragment over the model's depth). Fragments therefore have similar sizes
+only where the layers do: a model whose one layer holds most of the weights
+keeps most of them in one fragment (`fragment_sizes` says).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+
+def _layer_key(path: tuple) -> tuple:
+    return tuple(path[:-1]) if len(path) > 1 else tuple(path)
+
+
+def assign(tree: Any, fragments: int) -> tuple[tuple[int, ...], ...]:
+    """For each fragment, the indices of its leaves in `jax.tree.leaves(tree)` order."""
+    paths = [path for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
+    layers: dict[tuple, list[int]] = {}
+    for i, path in enumerate(paths):
+        layers.setdefault(_layer_key(path), []).append(i)
+    if len(layers) < fragments:
+        raise ValueError(
+            f"fragments={fragments} but the parameters have {len(layers)} layers (groups of "
+            f"leaves under one parent); use fragments <= {len(layers)}"
+        )
+    out: list[list[int]] = [[] for _ in range(fragments)]
+    for i, leaves in enumerate(layers.values()):
+        out[i % fragments].extend(leaves)
+    return tuple(tuple(sorted(f)) for f in out)
+
+
+def fragment_sizes(tree: Any, fragments: int) -> list[int]:
+    """The number of values (per learner) in each fragment of `tree`."""
+    leaves = jax.tree.leaves(tree)
+    return [sum(leaves[i].size for i in f) for f in assign(tree, fragments)]
+
+
+def take(leaves: list, indices: tuple[int, ...]) -> list:
+    """The leaves of one fragment."""
+    return [leaves[i] for i in indices]
+
+
+def put(leaves: list, indices: tuple[int, ...], values: list) -> list:
+    """`leaves` with the fragment's leaves replaced by `values`."""
+    out = list(leaves)
+    for i, v in zip(indices, values, strict=True):
+        out[i] = v
+    return out
