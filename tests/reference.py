@@ -99,9 +99,11 @@ def diloco_reference(w0, s, t, *, steps, lr, beta, every, outer_lr, outer_beta):
 
 
 def hierarchical_reference(
-    w0, s, t, *, hosts, steps, lr, beta, alpha, mu, every, outer_lr, outer_beta
-):
-    """SMA inside each host (rows host-major) at every update; DiLoCo across hosts."""
+    w0, s, t, *, hosts, steps, lr, beta, alpha, mu, every, outer_lr, outer_beta,
+    compress=None, error_feedback=True,
+):  # fmt: skip
+    """SMA inside each host (rows host-major) at every update; DiLoCo across hosts; with
+    `compress`, each host's theta - z_h (plus its residual) arrives quantised."""
     k = s.shape[0]
     per_host = k // hosts
     w = np.tile(np.asarray(w0, np.float64), (k, 1))
@@ -110,6 +112,7 @@ def hierarchical_reference(
     theta = np.asarray(w0, np.float64).copy()
     buf, outer_buf = np.zeros_like(w), np.zeros_like(theta)
     host = np.repeat(np.arange(hosts), per_host)
+    error = np.zeros_like(z)
     for step in range(steps):
         u, buf = sgd_step(s * w - t, buf, lr, beta)
         c = alpha * (w - z[host])
@@ -117,7 +120,13 @@ def hierarchical_reference(
         sums = np.stack([c[host == h].sum(axis=0) for h in range(hosts)])
         z, z_prev = z + sums + mu * (z - z_prev), z
         if hosts > 1 and is_sync(step, every):
-            delta = theta - z.mean(axis=0)
+            if compress is None:
+                delta = theta - z.mean(axis=0)
+            else:
+                sent = np.stack([quantised(theta - z[h] + error[h], compress) for h in range(hosts)])
+                if error_feedback:
+                    error = theta[None] - z + error - sent
+                delta = sent.mean(axis=0)
             outer_u, outer_buf = nesterov_sgd_step(delta, outer_buf, outer_lr, outer_beta)
             theta = theta + outer_u
             shift = theta[None] - z

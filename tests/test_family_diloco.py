@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 from _harness import rel_err, run_mapped
-from reference import LEAVES, diloco_options_reference
+from reference import LEAVES, diloco_options_reference, hierarchical_reference
 
 import crossbow_jax
 from crossbow_jax.transformation import _compress, _participation
@@ -152,3 +152,23 @@ def test_more_fragments_than_layers_and_a_mask_of_the_wrong_shape_are_refused():
     opt = crossbow_jax.diloco(optax.sgd(0.1), every=1, participation=lambda c: jnp.ones(3))
     with pytest.raises(ValueError, match=r"returned shape \(3,\).*shape \(2,\)"):
         opt.update(params, opt.init(params), params)
+
+
+@pytest.mark.parametrize("mapper, compress, feedback", [("shard_map", "int8", True),
+                                                        ("pmap", "int4", False)])  # fmt: skip
+def test_hierarchical_with_a_compressed_outer_step_matches_the_reference(mapper, compress,
+                                                                         feedback):  # fmt: skip
+    hosts, devices = 2, 4
+    alpha = 0.5 / (devices // hosts * M)
+    make = lambda ax, host_ax: crossbow_jax.hierarchical(
+        optax.sgd(LR, momentum=BETA), every=3, alpha=alpha, axis_name=ax, host_axis=host_ax,
+        compress=compress, error_feedback=feedback,
+    )  # fmt: skip
+    w, state, w0, s, t = run_mapped(make, devices=devices, m=M, steps=7, mapper=mapper,
+                                    hosts=hosts)  # fmt: skip
+    kw = {"hosts": hosts, "steps": 7, "lr": LR, "beta": BETA, "alpha": alpha, "mu": 0.9,
+          "every": 3, "outer_lr": 0.7, "outer_beta": 0.9}  # fmt: skip
+    w_ref, _, theta = hierarchical_reference(w0, s, t, compress=compress,
+                                             error_feedback=feedback, **kw)  # fmt: skip
+    assert rel_err(w, w_ref) < 1e-4
+    assert rel_err(w_ref, hierarchical_reference(w0, s, t, **kw)[0]) > 1e-4

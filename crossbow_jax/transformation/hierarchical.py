@@ -19,14 +19,14 @@ follows `z`).
 from __future__ import annotations
 
 from collections.abc import Hashable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
 
-from crossbow_jax.transformation import _learners, _period
+from crossbow_jax.transformation import _compress, _learners, _period
 from crossbow_jax.transformation.diloco import check_outer, outer_step
 from crossbow_jax.transformation.sma import SMAState, sma
 
@@ -39,12 +39,15 @@ class HierarchicalState(NamedTuple):
         theta: the outer parameters, once per device: the model to evaluate.
         outer_state: the outer optimiser's state (for `theta`).
         count: number of updates applied (int32).
+        error: with `compress` and error feedback, this device's quantisation
+            residual (float32, shaped like `theta`); else None.
     """
 
     sma_state: SMAState
     theta: optax.Params
     outer_state: optax.OptState
     count: jax.Array
+    error: Any = None
 
 
 def hierarchical(
@@ -56,6 +59,9 @@ def hierarchical(
     momentum: float = 0.9,
     axis_name: Hashable | None = None,
     host_axis: Hashable | None = None,
+    compress: str | None = None,
+    error_feedback: bool = True,
+    average_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """SMA over each host's learners at every update, DiLoCo across hosts every `every`.
 
@@ -79,6 +85,12 @@ def hierarchical(
         momentum: the central momentum of each host's SMA, in [0, 1).
         axis_name: the device axis inside a host (None: one device per host).
         host_axis: the host axis (None: one host, plain SMA).
+        compress: None (exact all-reduce across hosts), "bf16", "int8" or "int4":
+            how each host's outer gradient travels.
+        error_feedback: with `compress`, carry each device's quantisation residual
+            into its next outer gradient.
+        average_dtype: dtype of every host's `z_h` and of `theta`; None keeps the
+            parameters' dtype.
 
     Returns:
         An `optax.GradientTransformationExtraArgs` over stacked learners. Keyword
@@ -86,7 +98,11 @@ def hierarchical(
     """
     period = _period.check_period("every", every)
     outer = check_outer(outer_optimizer)
-    inside = sma(learner_optimizer, alpha=alpha, momentum=momentum, axis_name=axis_name)
+    compress = _compress.check_compress(compress, error_feedback)
+    inside = sma(
+        learner_optimizer, alpha=alpha, momentum=momentum, axis_name=axis_name,
+        average_dtype=average_dtype,
+    )  # fmt: skip
 
     def hosts() -> int:
         return _learners.device_count(host_axis)
@@ -98,19 +114,33 @@ def hierarchical(
             theta = _period.keep_dtype(theta, sma_state.z)
         else:
             theta = sma_state.z
-        return HierarchicalState(sma_state, theta, outer.init(theta), jnp.zeros([], jnp.int32))
+        error = None
+        if compress and error_feedback:
+            error = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), theta)
+        count = jnp.zeros([], jnp.int32)
+        return HierarchicalState(sma_state, theta, outer.init(theta), count, error)
 
     def update_fn(updates, state, params=None, **extra_args):
         new_updates, sma_state = inside.update(updates, state.sma_state, params, **extra_args)
         count = optax.safe_increment(state.count)
         if hosts() == 1:
-            return new_updates, HierarchicalState(sma_state, sma_state.z, state.outer_state, count)
+            return new_updates, state._replace(
+                sma_state=sma_state, theta=sma_state.z, count=count
+            )
+
+        def outer_gradient(theta, z, error):
+            """delta = theta - the hosts' mean of z_h, and this device's new residual."""
+            if compress is None:
+                mean = jax.tree.map(lambda x: lax.psum(x, host_axis) / hosts(), z)
+                return jax.tree.map(lambda t, m: t - m, theta, mean), error
+            mine = jax.tree.map(lambda t, x: t.astype(jnp.float32) - x, theta, z)
+            total, error = _compress.compressed_sum(mine, error, compress, host_axis)
+            return jax.tree.map(lambda t, s: (s / hosts()).astype(t.dtype), theta, total), error
 
         def outer_sync(operand):
-            new_updates, sma_state, theta, outer_state = operand
+            new_updates, sma_state, theta, outer_state, error = operand
             z = sma_state.z
-            mean = jax.tree.map(lambda x: lax.psum(x, host_axis) / hosts(), z)
-            delta = jax.tree.map(lambda t, m: t - m, theta, mean)
+            delta, error = outer_gradient(theta, z, error)
             theta, outer_state = outer_step(outer, delta, outer_state, theta)
             shift = jax.tree.map(lambda t, z: t - z, theta, z)
             moved = sma_state._replace(
@@ -118,12 +148,12 @@ def hierarchical(
                 z_prev=jax.tree.map(jnp.add, sma_state.z_prev, shift),
             )
             new_updates = jax.tree.map(lambda u, s: u + s[None], new_updates, shift)
-            return new_updates, moved, theta, outer_state
+            return new_updates, moved, theta, outer_state, error
 
-        operand = (new_updates, sma_state, state.theta, state.outer_state)
-        new_updates, sma_state, theta, outer_state = _period.on_sync(
+        operand = (new_updates, sma_state, state.theta, state.outer_state, state.error)
+        new_updates, sma_state, theta, outer_state, error = _period.on_sync(
             state.count, period, outer_sync, operand
         )
-        return new_updates, HierarchicalState(sma_state, theta, outer_state, count)
+        return new_updates, HierarchicalState(sma_state, theta, outer_state, count, error)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
