@@ -11,8 +11,13 @@ evaluated every half epoch; learner settings as in `statistical_efficiency`
     local_sgd   the learners averaged every H = 4, 16 steps
     diloco      an outer Nesterov step (0.7, 0.9) every H = 16, 64 steps
 
-Every row records the bytes one device all-reduced per step (by mesh axis),
-read from the compiled step. Three seeds per point (`--seeds N` for another count).
+and DiLoCo's options at H = 16 (docs/sma.md, "Options of the family"): 4
+fragments (Streaming DiLoCo), the outer gradient sent as bf16, int8 or int4
+(int8 and int4 with and without error feedback), participation 0.75, and the
+outer step overlapped with one inner step.
+
+Every row records the mean and the peak bytes one device sends per step (by
+mesh axis, every collective), read from the compiled step. Three seeds per point (`--seeds N` for another count).
 
     python -m experiments.algorithms
     crossbow-jax sweep algorithms --quick      # CI: seconds, synthetic data
@@ -35,12 +40,23 @@ MEMBERS = (
     ("diloco", 16),
     ("diloco", 64),
 )
+OPTIONS = (  # DiLoCo at H = 16 with one option each: (label, settings)
+    ("fragments=4", {"fragments": 4}),
+    ("bf16", {"compress": "bf16"}),
+    ("int8", {"compress": "int8"}),
+    ("int8 no feedback", {"compress": "int8", "error_feedback": False}),
+    ("int4", {"compress": "int4"}),
+    ("int4 no feedback", {"compress": "int4", "error_feedback": False}),
+    ("participation=0.75", {"participation": 0.75}),
+    ("overlap=1", {"overlap": 1}),
+)
 
 
-def point(family: str, period: int, lr: float) -> dict:
-    """One member: its label, algorithm and settings."""
-    p = {"variant": f"{family} H={period}", "family": family, "period": period,
-         "algorithm": family}  # fmt: skip
+def point(family: str, period: int, lr: float, option: str = "-", **settings) -> dict:
+    """One member: its labels, algorithm and settings (`option` names DiLoCo's settings)."""
+    variant = f"{family} H={period}" + ("" if option == "-" else f" {option}")
+    p = {"variant": variant, "family": family, "period": period, "option": option,
+         "algorithm": family, **settings}  # fmt: skip
     if family == "ssgd":
         return {**p, "learning_rate": lr * K, "warmup_epochs": 1.0}
     if family == "sma":
@@ -60,11 +76,15 @@ def get_config(quick: bool = False) -> dict:
         "target_accuracy": 0.99,
         "eval_every": MNIST_TRAIN // (K * BATCH) // 2,
     }
-    grid, seeds = [point(f, h, LR) for f, h in MEMBERS], 3
+    grid = [point(f, h, LR) for f, h in MEMBERS]
+    grid += [point("diloco", 16, LR, label, **o) for label, o in OPTIONS]
+    seeds = 3
     if quick:
         fixed.update(_sweep.QUICK_MNIST, epochs=1, eval_every=0, num_devices=1,
                      learners_per_device=2)  # fmt: skip
-        grid, seeds = [point(f, h, LR) for f, h in (("local_sgd", 4), ("diloco", 4))], 1
+        grid = [point(f, h, LR) for f, h in (("local_sgd", 4), ("diloco", 4))]
+        grid += [point("diloco", 4, LR, "int4 fragments=2", compress="int4", fragments=2)]
+        seeds = 1
     return {
         "name": "algorithms",
         "measure": "train",
@@ -73,13 +93,15 @@ def get_config(quick: bool = False) -> dict:
         "grid": grid,
         "seeds": seeds,
         "caption": "LeNet / MNIST, k = 16 learners at b = 16 (4 simulated CPU devices x 4): "
-        "epochs to 99% test accuracy of the central model and bytes all-reduced per step",
+        "epochs to 99% test accuracy of the central model, mean and peak bytes one device "
+        "sends per step",
         "table": {
-            "group": ["family", "period"],
+            "group": ["family", "period", "option"],
             "figures": [
                 "epochs_to_target",
                 "final_accuracy",
                 "all_reduce_bytes",
+                "peak_bytes",
                 "images_per_second",
             ],
         },
@@ -88,6 +110,7 @@ def get_config(quick: bool = False) -> dict:
                 "x": "period",
                 "y": "epochs_to_target",
                 "series": "family",
+                "where": {"option": "-"},
                 "logx": True,
                 "cap": fixed["epochs"],
                 "title": "epochs to 99% (mean ± std of runs that reached it)",
@@ -97,6 +120,7 @@ def get_config(quick: bool = False) -> dict:
                 "x": "period",
                 "y": "all_reduce_bytes",
                 "series": "family",
+                "where": {"option": "-"},
                 "logx": True,
                 "title": "bytes all-reduced per step, one device",
                 "ylim": (0, None),
@@ -104,7 +128,15 @@ def get_config(quick: bool = False) -> dict:
             {
                 "kind": "curve",
                 "series": "variant",
+                "where": {"option": "-"},
                 "title": "test accuracy of the central model",
+                "ylim": (0.97, 1.0),
+            },
+            {
+                "kind": "curve",
+                "series": "variant",
+                "where": {"family": "diloco", "period": 16},
+                "title": "DiLoCo H=16 and its options: test accuracy",
                 "ylim": (0.97, 1.0),
             },
         ],
