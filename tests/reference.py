@@ -49,8 +49,20 @@ def is_sync(t, period):
     return (t + 1) % period == 0
 
 
-def sma_period_reference(w0, s, t, *, steps, lr, beta, alpha, mu, sync_every):
-    """Algorithm 1 on sync steps only; in between each learner steps alone, z stays."""
+def participants(mask, step, k):
+    """The learners that take part in the sync at `step`: `mask(step)` != 0, all when None."""
+    if mask is None:
+        return np.ones(k, bool)
+    return np.asarray(mask(step)).reshape(k) != 0
+
+
+def sma_period_reference(w0, s, t, *, steps, lr, beta, alpha, mu, sync_every, mask=None):
+    """Algorithm 1 on sync steps only; in between each learner steps alone, z stays.
+
+    With `mask` (step -> (k,) 0/1), only the participants of a sync take the correction
+    and z moves by the sum of theirs (alpha unchanged), plus its momentum, even when
+    nobody takes part.
+    """
     k = s.shape[0]
     w = np.tile(np.asarray(w0, np.float64), (k, 1))
     z = z_prev = np.asarray(w0, np.float64).copy()
@@ -58,7 +70,7 @@ def sma_period_reference(w0, s, t, *, steps, lr, beta, alpha, mu, sync_every):
     for step in range(steps):
         u, buf = sgd_step(s * w - t, buf, lr, beta)
         if is_sync(step, sync_every):
-            c = alpha * (w - z)
+            c = alpha * (w - z) * participants(mask, step, k)[:, None]
             w = w + u - c
             z, z_prev = z + c.sum(axis=0) + mu * (z - z_prev), z
         else:
@@ -66,8 +78,13 @@ def sma_period_reference(w0, s, t, *, steps, lr, beta, alpha, mu, sync_every):
     return w, z
 
 
-def local_sgd_reference(w0, s, t, *, steps, lr, beta, every):
-    """Local SGD: own steps; every `every` updates all learners become their mean."""
+def local_sgd_reference(w0, s, t, *, steps, lr, beta, every, warmup_steps=0, mask=None):
+    """Local SGD: own steps; every `every` updates all learners become their mean.
+
+    The first `warmup_steps` updates all sync. With `mask` (step -> (k,) 0/1), a sync
+    averages its participants only and they become the mean; the others keep their
+    weights; with no participant the sync changes nothing.
+    """
     k = s.shape[0]
     w = np.tile(np.asarray(w0, np.float64), (k, 1))
     average = np.asarray(w0, np.float64).copy()
@@ -75,9 +92,11 @@ def local_sgd_reference(w0, s, t, *, steps, lr, beta, every):
     for step in range(steps):
         u, buf = sgd_step(s * w - t, buf, lr, beta)
         w = w + u
-        if is_sync(step, every):
-            average = w.mean(axis=0)
-            w = np.tile(average, (k, 1))
+        if step < warmup_steps or is_sync(step, every):
+            part = participants(mask, step, k)
+            if part.any():
+                average = w[part].mean(axis=0)
+                w[part] = average
     return w, average
 
 

@@ -13,11 +13,23 @@ stacked on this device, then with one `lax.psum` over `axis_name`. Every device
 applies the same update to its own copy of `z`, so the copies stay identical
 without a broadcast.
 
-With `sync_every=p` (the original code's `--wpc`), only every p-th update is
-the step above; in between every learner takes its own step alone
-(`w_j <- w_j + u_j`), `z` and `z_prev` stay, and no collective runs. EASGD
+With `sync_every=p`, only every p-th update is the step above; in between
+every learner takes its own step alone (`w_j <- w_j + u_j`), `z` and `z_prev`
+stay, and no collective runs. The original code's `--wpc` is not p: it counts
+tasks (one learner's step on one batch) over all k learners between
+synchronisations, so `sync_every = wpc / k` (`--wpc k`: every update). EASGD
 is `sma(momentum=0, sync_every=tau)`; EAMSGD the same with a Nesterov learner
 optimiser.
+
+With partial participation (`participation=`), only the learners drawn for a
+sync take the correction, and `z` moves by the sum of theirs:
+
+    c_j    = alpha * (w_j - z)  if j takes part, else 0
+    w_j   <- w_j + u_j - c_j
+    z     <- z + sum_{j in part} c_j + momentum * (z - z_prev)
+
+`alpha` is not rescaled (a sum over the participants, so `z` is pulled less when
+fewer take part), and a sync with no participant still moves `z` by its momentum.
 """
 
 from __future__ import annotations
@@ -32,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from crossbow_jax.transformation import _learners, _period
+from crossbow_jax.transformation import _learners, _options, _participation, _period
 
 
 class SMAState(NamedTuple):
@@ -82,6 +94,8 @@ def sma(
     sync_every: int = 1,
     axis_name: Hashable | None = None,
     average_dtype: Any | None = None,
+    participation: _participation.Participation = None,
+    seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """Synchronous Model Averaging over stacked learners (CROSSBOW, Algorithm 1).
 
@@ -118,11 +132,23 @@ def sma(
         sync_every: synchronise at every this many updates (the `(t+1)`-th update,
             t updates before it, syncs when `(t + 1) % sync_every == 0`); the
             updates between are the learners' own steps, with no collective.
-            1 (the default) is Algorithm 1 at every update.
+            1 (the default) is Algorithm 1 at every update. The original code's
+            `--wpc` counts tasks over all k learners: `sync_every = wpc / k`.
         axis_name: the device axis name under `jax.shard_map` / `jax.pmap`, or
             None for a single device.
         average_dtype: dtype of `z` and `z_prev`; None keeps the parameters'
             dtype (e.g. `jnp.float32` keeps a float32 average of bfloat16 learners).
+        participation: who takes part in a sync. None: every learner. A
+            probability p in (0, 1]: each learner independently at each sync,
+            drawn from `seed` and the update count (the same draw on every device).
+            A function of the update count returning a 0/1 mask of shape (k,)
+            over all k learners (device-major order). Only participants take the
+            correction `c_j`; a non-participant takes its own step alone
+            (`w_j <- w_j + u_j`, its optimiser state updated as always) and adds
+            nothing to `z`'s sum. `z` moves by the participants' sum (`alpha` is not
+            rescaled) plus its momentum, which it takes even when no learner
+            takes part.
+        seed: the seed of the participation draws (an int >= 0).
 
     Returns:
         An `optax.GradientTransformationExtraArgs`. Its `update` accepts the
@@ -135,11 +161,15 @@ def sma(
         per learner: shape (m,), each learner's own loss, or a scalar for all.
 
     Raises:
-        ValueError: alpha <= 0, momentum outside [0, 1), sync_every < 1, or
-            learner axes that differ between leaves or between `updates` and `params`.
+        ValueError: alpha <= 0, momentum outside [0, 1), sync_every < 1, a bad
+            `participation` or `seed`, learner axes that differ between leaves or
+            between `updates` and `params`, or a participation function whose mask
+            is not of shape (k,) (at the first update).
     """
     _check_hyperparameters(alpha, momentum)
     period = _period.check_period("sync_every", sync_every)
+    participation = _participation.check_participation(participation)
+    seed = _options.check_int("seed", seed, 0, "the seed of the participation draws")
     inner = _learners.as_extra_args(learner_optimizer)
 
     def total_learners(params):
@@ -175,6 +205,9 @@ def sma(
         def synchronise(operand):
             step, z, z_prev = operand
             corrections = jax.tree.map(lambda w, z: a * (w - z[None]), params, z)
+            if participation is not None:
+                mine, _ = _options.participants(participation, seed, state.count, params, axis_name)
+                corrections = _participation.masked(corrections, mine)
             new_updates = jax.tree.map(lambda u, c: (u - c).astype(u.dtype), step, corrections)
             total = _learners.sum_over_learners(corrections, axis_name)
             new_z = jax.tree.map(
