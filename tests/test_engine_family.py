@@ -56,6 +56,24 @@ def test_resume_in_the_middle_of_a_period_is_exact(tmp_path, member):
     assert resumed.accuracy == straight.accuracy > 0.9  # the central model learned
 
 
+def test_diloco_with_its_options_trains_and_resumes_exactly(tmp_path):
+    """Fragments, int8 outer gradients with error feedback, partial participation and the
+    overlap of one step: the new state (an outer state per fragment, a residual per device,
+    the pending outer gradient) is checkpointed and resumed bit for bit."""
+    options = dict(DILOCO, fragments=2, compress="int8", participation=0.75, overlap=1)
+    straight = crossbow_jax.train(MLP(), TRAIN, TEST, epochs=3, **options, **KW)
+    folder = str(tmp_path / "run")
+    first = crossbow_jax.train(MLP(), TRAIN, TEST, epochs=1, checkpoint_dir=folder,
+                               **options, **KW)  # fmt: skip
+    assert first.steps == 6  # fragment 1 synced at update 6: its outer step is pending
+    resumed = crossbow_jax.train(
+        MLP(), TRAIN, TEST, epochs=3, checkpoint_dir=folder, resume=True, **options, **KW
+    )
+    for a, b in zip(leaves(resumed.params), leaves(straight.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert resumed.accuracy == straight.accuracy > 0.9
+
+
 def test_bytes_all_reduced_per_step_follow_the_period():
     runs = {
         (m["algorithm"], m.get("sync_every")): crossbow_jax.train(
@@ -118,6 +136,7 @@ ELASTIC = {"elastic": True, "resume": True, "checkpoint_dir": "/nowhere/run"}
         ({"algorithm": "local_sgd", "sync_every": 4, "overlap": 1},
          "overlap=1 applies to algorithm='diloco' only"),
         (dict(DILOCO, sync_every=1, overlap=1), "overlap=1 .* sync_every=1"),
+        (dict(DILOCO, fragments=4, overlap=1), "overlap=1 .* not sync_every=4 with fragments=4"),
         (dict(DILOCO, overlap=2), "overlap=2 is not one of 0, 1"),
         (dict(DILOCO, sync_warmup_steps=8), "sync_warmup_steps=8 applies to algorithm='local_s"),
         ({"algorithm": "local_sgd", "sync_every": 1, "sync_warmup_steps": 8},

@@ -33,8 +33,8 @@ HELP = {
     "synchronisation, drawn for every learner at every sync from the seed (default: none, "
     "every learner; the transformations also take a function: docs/sma.md)",
     "overlap": "diloco: 1 lets the outer step's all-reduce run during the next inner update "
-    "and applies it one update late (Streaming DiLoCo); needs sync_every >= 2 (default: 0, "
-    "applied at once)",
+    "and applies it one update late (Streaming DiLoCo); needs sync_every / fragments >= 2 "
+    "(default: 0, applied at once)",
     "sync_warmup_steps": "local_sgd: average at every update for the first K updates, then "
     "every sync_every (post-local SGD)",
 }
@@ -120,11 +120,13 @@ def check_family_options(config) -> None:
     if config.overlap:
         if algo != "diloco":
             raise _only("overlap", config.overlap, ("diloco",), algo, "has no outer step")
-        if every == 1:
+        if every // config.fragments < 2:
+            per = f"sync_every={every}" + (f" with fragments={config.fragments}"
+                                           if config.fragments > 1 else "")  # fmt: skip
             raise ConfigError(
-                f"overlap={config.overlap} runs the outer all-reduce during the next inner "
-                "update, but with sync_every=1 every update is an outer step: use "
-                "sync_every=2 or more, or leave overlap out"
+                f"overlap={config.overlap} runs an outer all-reduce during the next inner "
+                f"update, so it needs 2 or more updates between syncs (sync_every / fragments),"
+                f" not {per}: raise sync_every, or leave overlap out"
             )
     if config.sync_warmup_steps:
         k = config.sync_warmup_steps
