@@ -28,7 +28,8 @@ FLAGS = [
     "--lr-gamma", "--warmup-epochs", "--reset-at-drops", "--alpha", "--central-momentum",
     "--eval-every", "--steps-per-dispatch", "--execution", "--mapper", "--num-devices",
     "--dtype", "--no-progress", "--output", "--checkpoint-every", "--resume", "--unroll-steps", "--data-placement",
-    "--coordinator-address", "--num-processes", "--process-id",
+    "--coordinator-address", "--num-processes", "--process-id", "--fragments", "--compress",
+    "--no-error-feedback", "--participation", "--overlap", "--sync-warmup-steps",
 ]  # fmt: skip
 
 
@@ -118,6 +119,12 @@ def test_flags_reach_the_config():
     cfg = parse("--algorithm hierarchical --every 8 --hosts 2 --outer-lr 0.5 --outer-momentum 0.8")
     assert (cfg.algorithm, cfg.sync_every, cfg.hosts) == ("hierarchical", 8, 2)
     assert (cfg.outer_learning_rate, cfg.outer_momentum) == (0.5, 0.8)
+    cfg = parse("--algorithm diloco --every 8 --fragments 2 --compress int8 --no-error-feedback "
+                "--participation 0.75 --overlap 1")
+    assert (cfg.fragments, cfg.compress, cfg.error_feedback) == (2, "int8", False)
+    assert (cfg.participation, cfg.overlap) == (0.75, 1)
+    cfg = parse("--algorithm local_sgd --every 8 --sync-warmup-steps 100")
+    assert cfg.sync_warmup_steps == 100 and cfg.error_feedback and cfg.overlap == 0
 
 
 def test_settings_an_algorithm_would_ignore_are_refused_in_one_line(capsys):
@@ -125,6 +132,9 @@ def test_settings_an_algorithm_would_ignore_are_refused_in_one_line(capsys):
         ("--algorithm ssgd --alpha 0.2", "alpha=0.2 is SMA's"),
         ("--algorithm diloco", "needs sync_every"),
         ("--algorithm sma --outer-lr 0.5", "outer_learning_rate=0.5 applies to"),
+        ("--algorithm sma --fragments 2", "fragments=2 applies to algorithm='diloco' only"),
+        ("--algorithm diloco --every 4 --no-error-feedback", "error_feedback=False turns off"),
+        ("--algorithm diloco --every 4 --overlap 2", "argument --overlap: invalid choice: 2"),
     ]:
         assert cli.main(["train", "--dataset", "synthetic", *flags.split(" ")]) == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -129,6 +129,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             options["action"] = "store_true" if switch else argparse.BooleanOptionalAction
         elif "choices" in rule:
             options["choices"] = rule["choices"]
+            if what == "int":  # (e.g. --overlap {0,1})
+                options["type"] = int
         elif what == "tuple":
             options.update(type=float, nargs="+")
         elif "cli_type" in rule:

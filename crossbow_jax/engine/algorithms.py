@@ -2,7 +2,10 @@
 
 `check_algorithm` refuses a setting the chosen algorithm would ignore (silent
 is worse than loud): SMA's alpha for local SGD, an outer learning rate for
-SMA, a period for SSGD, and so on. `warn_outer_momentum` warns of learner
+SMA, a period for SSGD, and so on; `check_family_options` does the same for
+the family's options (fragments, compress, error_feedback, participation,
+overlap, sync_warmup_steps), whose help (`HELP`, for their `TrainConfig`
+fields) is kept here with their checks. `warn_outer_momentum` warns of learner
 momentum set under an outer step, which can train to chance (docs/sma.md).
 """
 
@@ -15,6 +18,27 @@ from crossbow_jax.engine.options import ConfigError
 ALGORITHMS = ("sma", "ssgd", "local_sgd", "diloco", "hierarchical")
 SMA_FAMILY = ("sma", "hierarchical")  # the algorithms with SMA's alpha and central momentum
 OUTER = ("diloco", "hierarchical")  # the algorithms with an outer optimiser
+COMPRESSIONS = ("bf16", "int8", "int4")
+PARTICIPANTS = ("sma", "local_sgd", "diloco")  # the algorithms with partial participation
+
+HELP = {
+    "fragments": "diloco: split the model into F fragments, each synchronised every sync_every "
+    "updates at its own offset (Streaming DiLoCo), so one outer step all-reduces 1/F of the "
+    "model; F must divide sync_every (default: 1, the whole model at once)",
+    "compress": "diloco, hierarchical: quantise the outer step's all-reduce to bf16, int8 or "
+    "int4 (default: none, float32)",
+    "error_feedback": "with compress: carry each device's quantisation error into its next "
+    "outer step (error feedback); off: drop it",
+    "participation": "sma, local_sgd, diloco: the chance that a learner takes part in a "
+    "synchronisation, drawn for every learner at every sync from the seed (default: none, "
+    "every learner; the transformations also take a function: docs/sma.md)",
+    "overlap": "diloco: 1 lets the outer step's all-reduce run during the next inner update "
+    "and applies it one update late (Streaming DiLoCo); needs sync_every / fragments >= 2 "
+    "(default: 0, applied at once)",
+    "sync_warmup_steps": "local_sgd: average at every update for the first K updates, then "
+    "every sync_every (post-local SGD)",
+}
+"""The help of the family's options (their `TrainConfig` fields, flags and docstring)."""
 
 
 def check_algorithm(config) -> None:
@@ -56,6 +80,80 @@ def check_algorithm(config) -> None:
         what = "algorithm='hierarchical'" if config.hosts is None else f"hosts={config.hosts}"
         raise ConfigError(
             f"{what} needs a hosts x devices mesh, which only mapper='shard_map' maps"
+        )
+    check_family_options(config)
+
+
+def _only(name: str, value, members: tuple[str, ...], algo: str, what: str) -> ConfigError:
+    names = [repr(m) for m in members]
+    quoted = " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+    return ConfigError(
+        f"{name}={value!r} applies to algorithm={quoted} only; algorithm={algo!r} {what}: "
+        f"leave {name} out, or use algorithm={members[0]!r}"
+    )
+
+
+def check_family_options(config) -> None:
+    """Refuses the family's options where they cannot take effect."""
+    algo, every = config.algorithm, config.period
+    if config.fragments != 1:
+        if algo != "diloco":
+            raise _only("fragments", config.fragments, ("diloco",), algo,
+                        "has no fragmented outer step")  # fmt: skip
+        if every % config.fragments:
+            fits = every - every % config.fragments or config.fragments
+            raise ConfigError(
+                f"fragments={config.fragments} must divide sync_every={every} (fragment f "
+                f"syncs at offset f*sync_every/fragments); use sync_every={fits}, or fragments "
+                f"that divide {every}"
+            )
+    if config.compress is not None and algo not in OUTER:
+        raise _only("compress", config.compress, OUTER, algo, "has no outer all-reduce")
+    if not config.error_feedback and config.compress is None:
+        raise ConfigError(
+            "error_feedback=False turns off compress's quantisation residuals; without "
+            "compress there are none: leave error_feedback out, or set compress"
+        )
+    if config.participation is not None and algo not in PARTICIPANTS:
+        raise _only("participation", config.participation, PARTICIPANTS, algo,
+                    "has no partial participation")  # fmt: skip
+    if config.overlap:
+        if algo != "diloco":
+            raise _only("overlap", config.overlap, ("diloco",), algo, "has no outer step")
+        if every // config.fragments < 2:
+            per = f"sync_every={every}" + (f" with fragments={config.fragments}"
+                                           if config.fragments > 1 else "")  # fmt: skip
+            raise ConfigError(
+                f"overlap={config.overlap} runs an outer all-reduce during the next inner "
+                f"update, so it needs 2 or more updates between syncs (sync_every / fragments),"
+                f" not {per}: raise sync_every, or leave overlap out"
+            )
+    if config.sync_warmup_steps:
+        k = config.sync_warmup_steps
+        if algo != "local_sgd":
+            raise _only("sync_warmup_steps", k, ("local_sgd",), algo, "has no warm-up")
+        if every == 1:
+            raise ConfigError(
+                f"sync_warmup_steps={k} averages at every update for {k} updates, as "
+                "sync_every=1 does throughout: leave sync_warmup_steps out, or set sync_every "
+                "above 1"
+            )
+    if config.elastic and config.compress is not None and config.error_feedback:
+        raise ConfigError(
+            f"elastic=True cannot carry compress={config.compress!r} with error feedback "
+            "(its quantisation residuals are per device and cannot move to another layout); "
+            "resume on the same devices without elastic"
+        )
+
+
+def refuse_function(participation) -> None:
+    """The engine's participation is a probability; a function is the transformations'."""
+    if callable(participation):
+        raise ConfigError(
+            f"participation={participation!r}: the engine takes a probability in (0, 1]; a "
+            "function of the update count is taken by the transformations in a training loop "
+            "of your own (crossbow_jax.sma, local_sgd or diloco with participation=fn: "
+            "docs/sma.md)"
         )
 
 

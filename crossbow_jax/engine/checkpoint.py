@@ -108,9 +108,7 @@ class Checkpointer:
                 f"{path} cannot be read ({runfolder.cause(e)}); restore it, or start anew with "
                 "overwrite=True (--overwrite)"
             ) from None
-        settings = {k: v for k, v in saved.items()
-                    if not k.startswith("fingerprint_") and k != runfolder.DIGESTS_KEPT}  # fmt: skip
-        now = self.identity
+        settings, now = identity.saved_settings(saved), self.identity
         keys = set(settings) | set(now)
         diff = sorted(k for k in keys if settings.get(k) != now.get(k))
         if config.elastic:

@@ -14,20 +14,13 @@ import difflib
 import json
 from typing import Any
 
-from crossbow_jax.engine.algorithms import ALGORITHMS, OUTER, SMA_FAMILY, check_algorithm
+from crossbow_jax.engine.algorithms import (
+    ALGORITHMS, COMPRESSIONS, HELP, OUTER, SMA_FAMILY, check_algorithm, refuse_function,
+)  # fmt: skip
 from crossbow_jax.engine.options import (
-    GROUPS,
-    NON_NEGATIVE,
-    POSITIVE,
-    UNIT,
-    ConfigError,
-    Range,
-    check_value,
-    floats,
-    kind,
-    normalise,
-    option,
-)
+    GROUPS, NON_NEGATIVE, POSITIVE, UNIT, ConfigError, Range, check_value, docstring, floats,
+    kind, normalise, option,
+)  # fmt: skip
 
 __all__ = ["ConfigError", "TrainConfig", "check_field", "kind", "make_config"]
 
@@ -134,6 +127,16 @@ class TrainConfig:
         "processes for hierarchical, none for the others)",
         _S, at_least=1, metavar="H",
     )  # fmt: skip
+    # the family's options: their help is with their checks (engine/algorithms.py)
+    fragments: int = option(1, HELP["fragments"], _S, at_least=1, metavar="F")
+    compress: str | None = option(None, HELP["compress"], _S, choices=COMPRESSIONS)
+    error_feedback: bool = option(True, HELP["error_feedback"], _S)
+    participation: float | None = option(
+        None, HELP["participation"], _S, range=Range(0, high=1, high_in=True), metavar="P",
+        none="every learner", refuse=refuse_function,
+    )  # fmt: skip
+    overlap: int = option(0, HELP["overlap"], _S, choices=(0, 1))
+    sync_warmup_steps: int = option(0, HELP["sync_warmup_steps"], _S, at_least=0, metavar="K")
     eval_every: int = option(
         0, "also evaluate the central model every this many steps (0: at epoch ends only)",
         _E, at_least=0, metavar="STEPS", identity=False,
@@ -380,17 +383,4 @@ def check_field(name: str, value: Any) -> None:
     check_value(_FIELDS_BY_NAME[name], value)
 
 
-def _docstring() -> str:
-    """The class docstring, made from the fields' help."""
-    lines = ["Everything that decides a training run.", "", "Attributes:"]
-    for f in FIELDS:
-        text = f.metadata["help"]
-        if "(default" not in text:
-            text += f" (default: {f.default!r})"
-        if "cli_default" in f.metadata:
-            text += f"; the crossbow-jax command's default is {f.metadata['cli_default']!r}"
-        lines.append(f"    {f.name}: {text}.")
-    return "\n".join(lines)
-
-
-TrainConfig.__doc__ = _docstring()
+TrainConfig.__doc__ = docstring(FIELDS)

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from crossbow_jax.engine import runfolder
-from crossbow_jax.engine.config import ConfigError
+from crossbow_jax.engine.config import ConfigError, TrainConfig
 from crossbow_jax.engine.inputs import Arrays
 
 FULL_HASH_BYTES = 256 << 20
@@ -270,6 +270,15 @@ def describe_difference(saved: dict[str, str], now: dict[str, str]) -> str:
         if keys:
             parts.append(f"{len(keys)} {what} (e.g. {keys[0]})")
     return "; ".join(parts)
+
+
+def saved_settings(saved: dict[str, Any]) -> dict[str, Any]:
+    """The settings in a run folder's `config.json` (its fingerprints and bookkeeping left
+    out), with any setting it lacks at its default: a folder written before that setting
+    existed ran as its default runs."""
+    settings = {k: v for k, v in saved.items()
+                if not k.startswith("fingerprint_") and k != runfolder.DIGESTS_KEPT}  # fmt: skip
+    return {**TrainConfig().identity(), **settings}
 
 
 def check_same_model(directory: str, params: Any) -> None:

@@ -80,23 +80,43 @@ def learner_transform(
             and DiLoCo over "hosts", the others reduce over both.
     """
     inner = optimizer if optimizer is not None else default_optimizer(config, clock)
-    algo, period = config.algorithm, config.period
+    algo, period, given = config.algorithm, config.period, family_options(config)
     if algo == "hierarchical":
         return hierarchical(
             inner, outer_optimizer(config), every=period, alpha=config.alpha,
             momentum=config.central_momentum, axis_name=DEVICE_AXIS,
-            host_axis=HOST_AXIS if axes != DEVICE_AXIS else None,
+            host_axis=HOST_AXIS if axes != DEVICE_AXIS else None, **given,
         )  # fmt: skip
     if algo == "sma":
         return sma(
             inner, alpha=config.alpha, momentum=config.central_momentum, sync_every=period,
-            axis_name=axes,
+            axis_name=axes, **given,
         )  # fmt: skip
     if algo == "local_sgd":
-        return local_sgd(inner, every=period, axis_name=axes)
+        return local_sgd(inner, every=period, axis_name=axes, **given)
     if algo == "diloco":
-        return diloco(inner, outer_optimizer(config), every=period, axis_name=axes)
+        return diloco(inner, outer_optimizer(config), every=period, axis_name=axes, **given)
     return ssgd(inner, axis_name=axes)
+
+
+def family_options(config: TrainConfig) -> dict[str, Any]:
+    """The family's options that `config` sets (not at their defaults), as keyword arguments
+    of its algorithm's transformation (the config refused them for an algorithm without
+    them); a config that sets none builds the program it built before they existed."""
+    given: dict[str, Any] = {}
+    if config.fragments != 1:
+        given["fragments"] = config.fragments
+    if config.compress is not None:
+        given["compress"] = config.compress
+    if not config.error_feedback:
+        given["error_feedback"] = False
+    if config.participation is not None:
+        given.update(participation=config.participation, seed=config.seed)
+    if config.overlap:
+        given["overlap"] = config.overlap
+    if config.sync_warmup_steps:
+        given["warmup_steps"] = config.sync_warmup_steps
+    return given
 
 
 def check_optimizer(optimizer: Any, params: Any, variables: Any = None) -> None:

@@ -79,12 +79,14 @@ def option(default: Any, help: str, group: str, **rule: Any) -> Any:
         help: what the field means, one phrase; "(default: ...)" in it
             replaces the generated one.
         group: one of `GROUPS` (how `--help` groups the flags).
-        **rule: `choices` (a tuple of strings); `at_least` (an int field's
+        **rule: `choices` (a tuple of strings, or ints); `at_least` (an int field's
             smallest value); `range` (a `Range` for a number); `none` (what
             None means, for an optional field); `auto` (the string "auto" is
-            accepted too); `identity` (False: a resumed run may change it);
-            `default_optimizer` (a setting of the default learner optimiser,
-            refused together with `optimizer=`); and for the shell only:
+            accepted too); `refuse` (a function that raises `ConfigError` for a value
+            the generic message would explain badly, checked first); `identity`
+            (False: a resumed run may change it); `default_optimizer` (a
+            setting of the default learner optimiser, refused together with
+            `optimizer=`); and for the shell only:
             `flags`, `metavar`, `cli_default`, `cli_type` (a parser taking the
             flag's text), `cli` (False: no flag, for a setting of Python's
             `train` alone).
@@ -105,11 +107,14 @@ def check_value(field: dataclasses.Field, value: Any) -> None:
     name, rule, what = field.name, field.metadata, kind(field)
     if value is None and "None" in str(field.type):
         return
+    if "refuse" in rule:
+        rule["refuse"](value)
     if rule.get("auto") and value == "auto":
         return
     if "choices" in rule:
-        if value not in rule["choices"]:
-            raise ConfigError(f"{name}={value!r} is not one of {', '.join(rule['choices'])}")
+        if value not in rule["choices"] or (what == "int" and not _is_int(value)):
+            choices = ", ".join(map(str, rule["choices"]))
+            raise ConfigError(f"{name}={value!r} is not one of {choices}")
     elif what == "int":
         low = rule.get("at_least")
         if not _is_int(value) or (low is not None and value < low):
@@ -147,6 +152,19 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def docstring(fields: tuple[dataclasses.Field, ...]) -> str:
+    """A config class's docstring, made from its fields' help."""
+    lines = ["Everything that decides a training run.", "", "Attributes:"]
+    for f in fields:
+        text = f.metadata["help"]
+        if "(default" not in text:
+            text += f" (default: {f.default!r})"
+        if "cli_default" in f.metadata:
+            text += f"; the crossbow-jax command's default is {f.metadata['cli_default']!r}"
+        lines.append(f"    {f.name}: {text}.")
+    return "\n".join(lines)
 
 
 def floats(name: str, values: Any) -> tuple[float, ...]:
