@@ -161,6 +161,21 @@ def test_train_end_to_end_prints_one_result_line_and_writes_the_run_folder(run_f
     assert (folder / "config.json").is_file() and (folder / "checkpoints").is_dir()
 
 
+def test_the_result_line_shows_the_mean_bytes_and_a_peak_that_differs():
+    from crossbow_jax.cli.train import result_line
+    from crossbow_jax.engine.result import TrainResult
+
+    result = TrainResult(
+        params=None, accuracy=None, history=[], time_to_accuracy=None, images_per_second=1.0,
+        wall_time=1.0, compile_time=0.0, steps=12, learners_per_device=2, devices=4,
+        config=TrainConfig(algorithm="local_sgd", sync_every=4),
+        all_reduce_bytes={"hosts": 8.0, "devices": 264.0},
+        peak_bytes={"hosts": 8.0, "devices": 4096.0},
+    )  # fmt: skip
+    line = result_line(result)
+    assert "| collectives per step: 264 B devices (mean; peak 4.0 KiB), 8 B hosts |" in line
+
+
 def test_resume_continues_the_run(run_folder, capsys):
     folder = run_folder[0]
     args = TINY + ["--output", str(folder), "--resume"]

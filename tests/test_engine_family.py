@@ -1,7 +1,7 @@
 """The replica-averaging family in the engine: resume in the middle of a period (and of a
-run folder from before the family's options), bytes all-reduced per step by mesh axis,
-auto learners, the family's options passed to the transformations, and bad settings
-refused."""
+run folder from before the family's options), bytes of collectives per step by mesh axis
+(mean and peak), auto learners, the family's options passed to the transformations, and
+bad settings refused."""
 
 import json
 
@@ -75,25 +75,41 @@ def test_diloco_with_its_options_trains_and_resumes_exactly(tmp_path):
 
 
 def test_bytes_all_reduced_per_step_follow_the_period():
-    runs = {
+    results = {
         (m["algorithm"], m.get("sync_every")): crossbow_jax.train(
             MLP(), TRAIN, None, epochs=2, **m, **KW
-        ).all_reduce_bytes
+        )
         for m in [{"algorithm": "sma"}, {"algorithm": "ssgd"}, *FAMILY]
     }
+    runs = {key: r.all_reduce_bytes for key, r in results.items()}
+    peaks = {key: r.peak_bytes for key, r in results.items()}
     every = PARAM_BYTES + METRIC_BYTES
-    assert runs["sma", None] == {"devices": every}  # SMA's corrections at every step
-    assert runs["ssgd", None] == {"devices": every}  # the gradients at every step
-    # 12 steps, period 4: 3 syncs, so a quarter of the model per step on average.
+    assert runs["sma", None] == peaks["sma", None] == {"devices": every}  # SMA's corrections
+    assert runs["ssgd", None] == peaks["ssgd", None] == {"devices": every}  # the gradients
+    # 12 steps, period 4: 3 syncs, so a quarter of the model per step on average; a sync
+    # step sends the whole model.
     quarter = PARAM_BYTES * 3 / 12 + METRIC_BYTES
     for name in ("sma", "local_sgd", "diloco"):
         assert runs[name, 4] == {"devices": pytest.approx(quarter)}, name
+        assert peaks[name, 4] == {"devices": every}, name
     # SMA inside each host at every step, DiLoCo across the hosts every 4.
     assert runs["hierarchical", 4] == {
         "devices": PARAM_BYTES,
         "hosts": pytest.approx(PARAM_BYTES * 3 / 12),
         "hosts,devices": METRIC_BYTES,
     }
+    assert peaks["hierarchical", 4] == {
+        "devices": PARAM_BYTES, "hosts": PARAM_BYTES, "hosts,devices": METRIC_BYTES,
+    }  # fmt: skip
+    # Each history row: its own steps' mean, and a whole model at its peak if a sync ran.
+    start = 0
+    for row in results["local_sgd", 4].history:
+        syncs = sum((t + 1) % 4 == 0 for t in range(start, row["step"]))
+        mean = METRIC_BYTES + PARAM_BYTES * syncs / (row["step"] - start)
+        assert row["all_reduce_bytes"] == pytest.approx(mean), row
+        assert row["peak_bytes"] == (every if syncs else METRIC_BYTES), row
+        start = row["step"]
+    assert start == 12
 
 
 def test_auto_learners_tune_a_member_of_the_family():

@@ -47,6 +47,7 @@ def test_a_run_folder_shows_every_rows_figures_under_standard_tags(tmp_path):
     assert set(got) == {
         "train/loss", "train/accuracy", "train/learning_rate", "test/loss", "test/accuracy",
         "perf/images_per_second", "perf/learners_per_device", "perf/all_reduce_bytes",
+        "perf/peak_bytes",
     }  # fmt: skip
     assert got == expected(r.history)
     assert [s for s, _ in got["train/loss"]] == list(range(2, 25, 2))
@@ -55,6 +56,7 @@ def test_a_run_folder_shows_every_rows_figures_under_standard_tags(tmp_path):
     assert rates[12] == np.float32(0.05) and rates[14] == np.float32(0.005)
     assert dict(got["perf/learners_per_device"])[24] == 2
     assert dict(got["perf/all_reduce_bytes"])[24] == pytest.approx(r.all_reduce_bytes["devices"])
+    assert dict(got["perf/peak_bytes"])[24] == pytest.approx(r.peak_bytes["devices"])  # SMA
 
 
 def test_tensorboard_false_writes_none_and_true_needs_a_run_folder(tmp_path):

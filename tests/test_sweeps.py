@@ -73,6 +73,11 @@ def test_a_sweep_file_runs_from_the_shell_then_resumes_with_the_missing_runs_onl
     rows = _rows(out / "my_sweep.jsonl")
     assert [r["settings"]["learning_rate"] for r in rows] == [0.05, 0.01]
     assert all(0 <= r["figures"]["final_accuracy"] <= 1 for r in rows)
+    for figures in (r["figures"] for r in rows):  # SMA sends its corrections at every step
+        assert figures["peak_bytes"] == figures["all_reduce_bytes"] > 0
+        assert figures["peak_by_axis"] == figures["all_reduce_by_axis"] == {
+            "devices": figures["all_reduce_bytes"]
+        }
     assert rows[0]["experiment"] == "my_sweep" and rows[0]["versions"]["crossbow_jax"]
     table = (out / "my_sweep.md").read_text()
     assert "| learning_rate | n | final_accuracy |" in table and "| 0.05 | 1 |" in table

@@ -90,6 +90,7 @@ def summary(result, **extra: Any) -> dict[str, Any]:
         "tuning",
         "executions",
         "all_reduce_bytes",
+        "peak_bytes",
     )
     out = dict(extra, **{name: getattr(result, name) for name in fields})
     out["processes"] = jax.process_count()
@@ -142,7 +143,11 @@ def result_line(result) -> str:
     algorithm = cfg.algorithm + (f" every {cfg.sync_every}" if cfg.sync_every else "")
     parts.append(f"{algorithm}, {devices} x {layout}, {result.steps} steps")
     if result.all_reduce_bytes:
-        split = ", ".join(f"{_bytes(v)} {k}" for k, v in sorted(result.all_reduce_bytes.items()))
-        parts.append(f"all-reduce {split} per step")
+        peak = result.peak_bytes or {}
+        split = ", ".join(
+            f"{_bytes(v)} {k}" + (f" (mean; peak {_bytes(peak[k])})" if peak.get(k, v) != v else "")
+            for k, v in sorted(result.all_reduce_bytes.items())
+        )
+        parts.append(f"collectives per step: {split}")
     costs = result.fixed_costs()  # compile (cached programs), setup; the execution's choice
     return "result: " + " | ".join(parts[:3] + costs[:-1] + parts[3:] + costs[-1:])

@@ -16,7 +16,7 @@
   takes), the cut of a run into dispatches, the user's data, where it lives
   on the devices, the learner optimiser, orbax checkpoints, the device axes
   (hosts x devices) and multi-process runs.
-- `traffic.py`: the bytes all-reduced per step, read from the compiled step.
+- `traffic.py`: the bytes of collectives per step (mean, peak), read from the compiled step.
 - `runfolder.py`, `preemption.py`: the run folder's lock, digests and
   overwrite; SIGTERM/SIGINT noted, saved and reported (`RunInterrupted`).
 

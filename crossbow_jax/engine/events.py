@@ -28,6 +28,7 @@ TAGS = {
     "images_per_second": "perf/images_per_second",
     "learners_per_device": "perf/learners_per_device",
     "all_reduce_bytes": "perf/all_reduce_bytes",
+    "peak_bytes": "perf/peak_bytes",
 }
 """Row field -> tag; `test_<name>` goes to `test/<name>`, a user's metric to `train/<name>`."""
 NOT_SHOWN = ("step", "epoch", "time", "reached_target")

@@ -185,11 +185,10 @@ class History:
                 row["learners_per_device"] = self.learners
             if self.schedule is not None:  # the learning rate of the row's last step
                 row["learning_rate"] = float(self.schedule(chunk.end - 1))
-            if self.traffic is not None:  # per step over the row's steps, all axes together
-                syncs = traffic.sync_steps(chunk.start, chunk.end, self.config.period)
-                row["all_reduce_bytes"] = sum(
-                    traffic.per_step(self.traffic, chunk.length, syncs).values()
-                )
+            if self.traffic is not None:  # over the row's steps, all axes together
+                counts = traffic.schedule_counts(self.config, chunk.start, chunk.end)
+                row["all_reduce_bytes"] = sum(traffic.per_step(self.traffic, counts).values())
+                row["peak_bytes"] = sum(traffic.peak(self.traffic, counts).values())
             self.rows.append(row)
             if not (evaluation_follows and i == len(read) - 1):
                 self._report(row)

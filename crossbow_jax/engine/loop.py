@@ -206,6 +206,8 @@ def fit(
             report = tuner.report() if tuner else tuning
             choice = chooser.report() if chooser and chooser.learners is not None else None
             running = stage.setup.compiler.spec.execution
+            sent = stage.setup.compiler.traffic
+            counts = traffic.schedule_counts(config, 0, history.step)
             return TrainResult(
                 params=model.variables(*central),
                 accuracy=history.last_accuracy,
@@ -227,11 +229,8 @@ def fit(
                 model=model,
                 central=central,
                 input_shape=data.example.shape[1:],
-                all_reduce_bytes=traffic.per_step(
-                    stage.setup.compiler.traffic,
-                    history.step,
-                    traffic.sync_steps(0, history.step, config.period),
-                ),
+                all_reduce_bytes=traffic.per_step(sent, counts),
+                peak_bytes=traffic.peak(sent, counts),
             )
 
         def save(step: int, state) -> None:

@@ -68,13 +68,13 @@ class Compiler:
         seconds: time spent compiling so far.
         programs: programs compiled so far; `cached` of them were loaded from
             JAX's persistent compilation cache (`crossbow_jax.engine.cache`).
-        traffic: the all-reduce bytes per step of the last training program.
+        traffic: the collectives' bytes per step of the last training program.
     """
 
     def __init__(self, spec: step.StepSpec, mesh, mapper: str):
         self.spec, self.mesh, self.mapper = spec, mesh, mapper
         self.seconds, self.programs, self.cached = 0.0, 0, 0
-        self.traffic = traffic.Traffic({}, {})  # of the last training program compiled
+        self.traffic = traffic.Traffic({})  # of the last training program compiled
         self._central = None
 
     def _map(self, fn, donate: tuple[int, ...] = ()):
@@ -83,7 +83,7 @@ class Compiler:
         return jax.jit(mapping.device_map(fn, self.mesh), donate_argnums=donate)
 
     def _compile(self, fn, *args, steps: int = 0):
-        """`fn` compiled for `args`; with `steps`, its all-reduce traffic per step is read
+        """`fn` compiled for `args`; with `steps`, its collectives' bytes per step are read
         from the traced program into `self.traffic` (`crossbow_jax.engine.traffic`)."""
         start, hits = time.perf_counter(), cache.cache_hits()
         if steps and hasattr(fn, "trace"):

@@ -36,7 +36,7 @@ class TrainResult:
         test_loss: the last test loss of z (None without a test set).
         history: one dict per logged interval (step, epoch, loss, accuracy,
             the user's metrics, images_per_second, time, learners_per_device,
-            all_reduce_bytes, and learning_rate with the default optimiser;
+            all_reduce_bytes, peak_bytes, and learning_rate with the default optimiser;
             test_loss, test_accuracy and test_<metric> at evaluations;
             docs/usage.md, "Metrics").
         time_to_accuracy: seconds from the start of the run (tuning and
@@ -58,11 +58,17 @@ class TrainResult:
             run's own steps: every measured candidate's images/s, the choice, what
             measuring cost ("seconds"), or the cached decision
             (`crossbow_jax.tuning.choice`); else None.
-        all_reduce_bytes: bytes one device all-reduced per training step,
-            averaged over the run's steps, by mesh axis: "devices" (with
+        all_reduce_bytes: bytes one device put into collectives per training
+            step, averaged over the run's steps, by mesh axis: "devices" (with
             hosts: "devices" inside a host, "hosts" across them, "hosts,devices"
-            over all), read from the compiled step (`crossbow_jax.engine.traffic`);
-            the payload, not the bytes on the wire.
+            over all). Every collective counts (all-reduces, all-gathers,
+            reduce-scatters, permutes, all-to-alls), each by its operands: the
+            payload, not the bytes on the wire. Read from the compiled step
+            (`crossbow_jax.engine.traffic`); sync steps weigh by how many of the
+            run's steps synchronised (each fragment apart).
+        peak_bytes: the most bytes one device put into collectives in any one
+            step of the run, by mesh axis (each axis's busiest step: a sync
+            step when the run synchronised at all); same payload convention.
         preprocess: how the engine turns raw inputs (as passed to `train`)
             into model inputs: `preprocess(x, None)` (scale, normalise; no
             augmentation without a key).
@@ -87,6 +93,7 @@ class TrainResult:
     input_shape: tuple[int, ...] | None = None  # one training input, for `predict`
     executions: dict[str, Any] | None = None
     all_reduce_bytes: dict[str, float] | None = None
+    peak_bytes: dict[str, float] | None = None
     programs: tuple[int, int] | None = None
     setup_time: float | None = None
 

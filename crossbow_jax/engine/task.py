@@ -22,7 +22,7 @@ LossFn = Callable[[Any, Any], Any]  # (outputs, labels) -> per-example loss
 MetricsFn = Callable[[Any, Any], dict[str, Any]]  # -> {name: per-example values}
 RESERVED = ("loss", "accuracy", "count", "step", "epoch", "time", "images_per_second",
             "reached_target", "learners_per_device", "learning_rate",
-            "all_reduce_bytes")  # fmt: skip
+            "all_reduce_bytes", "peak_bytes")  # fmt: skip
 """Names of the engine's own figures and history fields, which a user metric may not take."""
 
 

@@ -1,30 +1,50 @@
-"""Bytes all-reduced per training step, read from the program itself.
+"""Bytes one device sends in collectives per training step, read from the program itself.
 
 `count` walks the jaxpr of a dispatch and adds up the operands of every
-all-reduce (`psum`; `pmean` is a `psum` and a division) by the mesh axes it
-runs over. All-reduces inside a `lax.cond` are the replica-averaging
-family's synchronisations (`crossbow_jax/transformation/_period.py`): they
-run only on sync steps, so they are counted apart and weighed by how many of
-the run's steps were sync steps (`per_step`). A `lax.scan` counts its body
-`length` times; a `while` loop once.
+collective (`COLLECTIVES`) by the mesh axes it runs over: all-reduces (`psum`,
+so `pmean`, which is a `psum` and a division; `pmax`, `pmin`), `all_gather`,
+`psum_scatter` (`reduce_scatter`), `ppermute`, `all_to_all`. The figure of a
+collective is its payload: the bytes of the operands one device puts in. The
+bytes on the wire depend on the algorithm that runs it (a ring all-reduce
+sends about twice its payload; an all-gather delivers `devices` times it).
 
-The figure is the payload one device contributes to the all-reduces of a
-step (e.g. SMA: the model's corrections, once per step); the bytes on the
-wire depend on the all-reduce algorithm (a ring sends about twice that).
+Collectives inside a `lax.cond` or `lax.switch` run only on the steps that
+take their branch: the replica-averaging family's synchronisations, whose
+branch index is `crossbow_jax.transformation.schedule.sync_branch` (0: no
+sync; 1 + f: fragment f syncs). `count` keeps
+their bytes branch by branch (`Traffic.branches`); `schedule_counts` says
+how many of a run's steps take each branch, `per_step` weighs the branches
+by those counts (the mean step) and `peak` takes the busiest step that ran.
+A `lax.scan` counts its body `length` times; a `while` loop once.
 """
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-ALL_REDUCE = ("psum", "psum2", "psum_invariant")
+from crossbow_jax.transformation import schedule
+
+_REDUCING = ("psum", "psum2", "psum_invariant", "unreduced_psum", "pmax", "pmin")
+_GATHERING = ("all_gather", "all_gather_invariant", "all_gather_reduced")
+_SCATTERING = ("reduce_scatter", "unreduced_reduce_scatter")
+_MOVING = ("ppermute", "psend", "pbroadcast", "all_to_all", "ragged_all_to_all")
+COLLECTIVES = frozenset(_REDUCING + _GATHERING + _SCATTERING + _MOVING)
+"""The primitives counted (an async `<name>_start` counts as `<name>`; `_done` adds nothing)."""
 
 
 class Traffic(NamedTuple):
-    """All-reduced bytes per step of one program, by axis label ("devices", "hosts", ...)."""
+    """Bytes one device sends in one step of a program, by axis label ("devices", "hosts",
+    "hosts,devices", ...).
 
-    every_step: dict[str, float]  # run at every step
-    on_sync: dict[str, float]  # inside a cond: one synchronisation, on sync steps only
+    Attributes:
+        every_step: sent at every step.
+        branches: sent besides on a step that takes each branch of the sync schedule's
+            cond (index as `schedule.sync_branch`: 0 no sync, 1 + f fragment f); empty
+            when no cond carries collectives.
+    """
+
+    every_step: dict[str, float]
+    branches: tuple[dict[str, float], ...] = ()
 
 
 def _label(axes: Any) -> str | None:
@@ -32,6 +52,19 @@ def _label(axes: Any) -> str | None:
         a for a in (axes if isinstance(axes, (tuple, list)) else (axes,)) if isinstance(a, str)
     ]
     return ",".join(names) if names else None
+
+
+def _payload(eqn) -> tuple[str, float] | None:
+    """(axis label, operand bytes) of a collective over named axes, else None."""
+    name = eqn.primitive.name.removesuffix("_start")
+    if name not in COLLECTIVES:
+        return None
+    label = _label(eqn.params.get("axes", eqn.params.get("axis_name")))
+    if label is None:
+        return None
+    # ragged_all_to_all's other operands are its output buffer and offsets
+    operands = eqn.invars[:1] if name == "ragged_all_to_all" else eqn.invars
+    return label, float(sum(v.aval.size * v.aval.dtype.itemsize for v in operands))
 
 
 def _subjaxprs(value: Any):
@@ -49,52 +82,110 @@ def _add(into: dict[str, float], more: dict[str, float], times: float = 1.0) -> 
         into[key] = into.get(key, 0.0) + value * times
 
 
-def _walk(jaxpr, every: dict, sync: dict, times: float, in_cond: bool) -> None:
+def _add_branches(into: list[dict[str, float]], more: list[dict[str, float]]) -> None:
+    """Branch-index-wise sums: the conds that carry collectives (several in a step, or the
+    same cond in each step of an unrolled program) are taken to branch on the same
+    schedule, so their branch i runs on the same steps. A cond on another index (e.g.
+    DiLoCo's overlap applies on `sync_branch(t - 1)`) is thus counted as if its branch
+    ran with the sync it follows: the mean is off by at most the range's ends, and the
+    peak is an upper bound. Only conds with collectives count at all."""
+    into.extend({} for _ in range(len(more) - len(into)))
+    for branch, bytes_ in zip(into, more):
+        _add(branch, bytes_)
+
+
+def _walk(jaxpr, times: float) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """(bytes at every step, bytes per cond branch) of `jaxpr` run `times` times."""
+    every: dict[str, float] = {}
+    branches: list[dict[str, float]] = []
     for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name in ALL_REDUCE:
-            label = _label(eqn.params.get("axes", eqn.params.get("axis_name")))
-            if label is not None:
-                size = sum(v.aval.size * v.aval.dtype.itemsize for v in eqn.invars)
-                _add(sync if in_cond else every, {label: float(size)}, times)
-            continue
-        if name == "cond":  # the branch with the most traffic: the sync
-            branches = []
+        payload = _payload(eqn)
+        if payload is not None:
+            _add(every, {payload[0]: payload[1]}, times)
+        elif eqn.primitive.name == "cond":
+            totals = []
             for branch in eqn.params["branches"]:
-                e, s = {}, {}
-                _walk(branch.jaxpr, e, s, times, True)
-                branches.append(s)
-            _add(sync, max(branches, key=lambda b: sum(b.values()), default={}))
-            continue
-        inner = times * eqn.params.get("length", 1) if name == "scan" else times
-        for value in eqn.params.values():
-            for sub in _subjaxprs(value):
-                _walk(sub, every, sync, inner, in_cond)
+                inner_every, inner = _walk(branch.jaxpr, times)
+                # a cond nested in a branch: its busiest branch (an upper bound)
+                _add(inner_every, max(inner, key=lambda b: sum(b.values()), default={}))
+                totals.append(inner_every)
+            if all(t == totals[0] for t in totals):  # alike in every branch: every step
+                _add(every, totals[0])
+            else:
+                _add_branches(branches, totals)
+        else:
+            scan = eqn.primitive.name == "scan"
+            inner_times = times * eqn.params.get("length", 1) if scan else times
+            for value in eqn.params.values():
+                for sub in _subjaxprs(value):
+                    sub_every, sub_branches = _walk(sub, inner_times)
+                    _add(every, sub_every)
+                    _add_branches(branches, sub_branches)
+    return every, branches
 
 
 def count(jaxpr, steps: int) -> Traffic:
-    """The all-reduce traffic of a program of `steps` training steps, per step.
+    """The collectives' bytes of a program of `steps` training steps, per step.
+
+    Each cond with collectives is taken as one step's branch of the sync schedule: a
+    scan's body holds the cond of its one step, an unrolled program of n steps holds n
+    conds; either way the branch figures are those of one step that takes the branch.
 
     Args:
         jaxpr: the program's (closed) jaxpr, e.g. `jax.jit(f).trace(*args).jaxpr`.
         steps: training steps in one run of the program.
     """
-    every: dict[str, float] = {}
-    sync: dict[str, float] = {}
-    _walk(getattr(jaxpr, "jaxpr", jaxpr), every, sync, 1.0, False)
-    return Traffic(
-        {k: v / steps for k, v in every.items()}, {k: v / steps for k, v in sync.items()}
+    every, branches = _walk(getattr(jaxpr, "jaxpr", jaxpr), 1.0)
+    per_step_ = lambda d: {k: v / steps for k, v in d.items()}
+    return Traffic(per_step_(every), tuple(per_step_(b) for b in branches))
+
+
+def schedule_counts(config, start: int, end: int) -> list[int]:
+    """How many of the steps with t in [start, end) steps before them take each branch of
+    the run's sync schedule (`schedule.branch_counts`: 0 no sync, 1 + f fragment f).
+
+    Args:
+        config: the run's `TrainConfig` (its period, fragments and sync warm-up).
+        start, end: the steps' range.
+    """
+    return schedule.branch_counts(
+        start, end, config.period, config.fragments, config.sync_warmup_steps
     )
 
 
-def sync_steps(start: int, end: int, period: int) -> int:
-    """Sync steps among the steps with t in [start, end) updates before them."""
-    return end // period - start // period
+def _branches(traffic: Traffic, counts: list[int]) -> tuple[dict[str, float], ...]:
+    if not traffic.branches:
+        return ({},) * len(counts)
+    if len(traffic.branches) != len(counts):
+        raise ValueError(
+            f"the program's sync cond has {len(traffic.branches)} branches but the schedule "
+            f"counts {len(counts)} ({counts}); the transformation must branch on "
+            "schedule.sync_branch with the run's fragments"
+        )
+    return traffic.branches
 
 
-def per_step(traffic: Traffic, steps: int, syncs: int) -> dict[str, float]:
-    """Bytes all-reduced per step averaged over `steps` steps of which `syncs` synchronised."""
+def per_step(traffic: Traffic, counts: list[int]) -> dict[str, float]:
+    """Mean bytes per step by axis over steps of which `counts[i]` took branch i
+    (`schedule_counts`); with no steps, `traffic.every_step`."""
     out = dict(traffic.every_step)
+    steps = sum(counts)
     if steps:
-        _add(out, traffic.on_sync, syncs / steps)
+        for n, branch in zip(counts, _branches(traffic, counts)):
+            _add(out, branch, n / steps)
+    return out
+
+
+def peak(traffic: Traffic, counts: list[int]) -> dict[str, float]:
+    """The most bytes one device sends over each axis in one step, among the branches
+    that ran (`counts[i] > 0`, `schedule_counts`): every axis's own busiest step.
+
+    In the replica-averaging family every axis peaks on the sync steps, so the sum over
+    the axes is the busiest step's total (else it bounds it from above).
+    """
+    out = dict(traffic.every_step)
+    for n, branch in zip(counts, _branches(traffic, counts)):
+        if n:
+            for key, value in branch.items():
+                out[key] = max(out.get(key, 0.0), traffic.every_step.get(key, 0.0) + value)
     return out

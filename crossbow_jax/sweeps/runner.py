@@ -173,6 +173,8 @@ def train_figures(run: dict[str, Any], data, show=None) -> dict[str, Any]:
         "images_per_second": r.images_per_second,
         "all_reduce_bytes": sum((r.all_reduce_bytes or {}).values()),
         "all_reduce_by_axis": r.all_reduce_bytes,
+        "peak_bytes": sum((r.peak_bytes or {}).values()),
+        "peak_by_axis": r.peak_bytes,
         "wall_time": r.wall_time,
         "compile_time": r.compile_time,
         "steps": r.steps,
