@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from crossbow_jax.transformation import _learners
+
 Participation = float | Callable[[jax.Array], Any] | None
 
 
@@ -47,7 +49,7 @@ def global_mask(participation: Participation, seed: int, count: jax.Array, k: in
         mask = jnp.asarray(participation(count))
         if mask.shape != (k,):
             raise ValueError(
-                f"participation({count}) returned shape {mask.shape}; it must return a 0/1 "
+                f"participation(count) returned shape {mask.shape}; it must return a 0/1 "
                 f"mask of shape ({k},), one entry per learner on all devices"
             )
         return (mask != 0).astype(jnp.float32)
@@ -70,6 +72,16 @@ def local_mask(
     mask = global_mask(participation, seed, count, m * devices)
     mine = lax.dynamic_slice(mask, (device_index(axis_name) * m,), (m,))
     return mine, jnp.sum(mask)
+
+
+def for_params(
+    participation: Participation, seed: Any, count: jax.Array, params: Any,
+    axis_name: Hashable | None,
+) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+    """`local_mask` for stacked learner `params` (m learners on each device of `axis_name`)."""
+    m = _learners.learners_on_device(params)
+    devices = _learners.device_count(axis_name)
+    return local_mask(participation, seed, count, m, axis_name, devices)
 
 
 def masked(tree: Any, mask: jax.Array) -> Any:

@@ -18,29 +18,33 @@ import numpy as np
 from jax import lax
 
 
-def check_period(name: str, value: Any) -> int | jax.Array:
-    """A period's value: an int >= 1.
+def check_int(name: str, value: Any, minimum: int, hint: str) -> int | jax.Array:
+    """An int >= `minimum`; `hint` says what it counts.
 
     A 0-d integer array is taken too (`optax.inject_hyperparams` passes every
     numeric hyperparameter as one): a concrete one becomes an int; a traced one
-    (a period changed at run time, e.g. with `optax.tree_utils.tree_set`) is kept
-    as it is and every update decides by `lax.cond`, so its value cannot be
-    checked here.
+    (changed at run time, e.g. with `optax.tree_utils.tree_set`) is kept as it is
+    and decided on inside `jit`, so its value cannot be checked here.
     """
     if isinstance(value, (jax.Array, np.ndarray, np.generic)):
         if value.shape != () or not jnp.issubdtype(value.dtype, jnp.integer):
             raise TypeError(
-                f"{name}={value!r} must be an int >= 1 (updates between synchronisations); "
-                f"got an array of shape {value.shape} and dtype {value.dtype}"
+                f"{name}={value!r} must be an int >= {minimum} ({hint}); got an array of "
+                f"shape {value.shape} and dtype {value.dtype}"
             )
         if isinstance(value, jax.core.Tracer):
             return value
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}={value!r} must be an int >= 1 (updates between synchronisations)")
-    if value < 1:
-        raise ValueError(f"{name}={value} must be >= 1 (1: synchronise at every update)")
+        raise TypeError(f"{name}={value!r} must be an int >= {minimum} ({hint})")
+    if value < minimum:
+        raise ValueError(f"{name}={value} must be >= {minimum} ({hint})")
     return int(value)
+
+
+def check_period(name: str, value: Any) -> int | jax.Array:
+    """A period's value: an int >= 1 (1: synchronise at every update), as `check_int`."""
+    return check_int(name, value, 1, "updates between synchronisations; 1: every update")
 
 
 def is_sync(count: jax.Array, period: int | jax.Array) -> jax.Array:
@@ -86,7 +90,12 @@ def on_sync(
     """
     if isinstance(period, int) and period == 1:
         return keep_dtype(sync_fn(operand), operand)
-    sync = is_sync(count, period)
+    return on_pred(is_sync(count, period), sync_fn, operand)
+
+
+def on_pred(sync: jax.Array, sync_fn: Callable[[Any], Any], operand: Any) -> Any:
+    """`sync_fn(operand)` where `sync` (a traced bool) holds, else `operand`: `on_sync`'s
+    `lax.cond` for a schedule of another shape (e.g. local SGD's warm-up)."""
     sync_fn = lambda o, fn=sync_fn: keep_dtype(fn(o), o)
     skip_fn = lambda o: o
     return _typed(lambda fns: lax.cond(sync, fns[1], fns[0], operand), [skip_fn, sync_fn], operand)
@@ -151,11 +160,12 @@ def sync_branch(t: Any, every: Any, fragments: int = 1, warmup_steps: int = 0) -
     engine counts a run's syncs with it) and on traced JAX integers (the transformations
     branch on it).
     """
-    xp = jnp if isinstance(t, jax.Array) or isinstance(every, jax.Array) else np
+    traced = (t, every, warmup_steps)
+    xp = jnp if any(isinstance(x, jax.Array) for x in traced) else np
     stride = every // fragments
     r = (xp.asarray(t) + 1) % every
     branch = xp.where(r % stride == 0, 1 + r // stride, 0)
-    if warmup_steps:
+    if not (isinstance(warmup_steps, int) and warmup_steps == 0):  # may be traced
         branch = xp.where(xp.asarray(t) < warmup_steps, 1, branch)
     return branch
 

@@ -170,6 +170,7 @@ def diloco(
     fragments = _period.check_fragments(fragments, period)
     compress = _compress.check_compress(compress, error_feedback)
     participation = _participation.check_participation(participation)
+    seed = _period.check_int("seed", seed, 0, "the seed of the participation draws")
     overlap = check_overlap(overlap, period, fragments)
     inner = _learners.as_extra_args(learner_optimizer)
     outer = check_outer(outer_optimizer)

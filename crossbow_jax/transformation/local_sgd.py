@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from crossbow_jax.transformation import _learners, _options, _participation, _period
+from crossbow_jax.transformation import _learners, _participation, _period
 
 
 class LocalSGDState(NamedTuple):
@@ -110,11 +110,11 @@ def local_sgd(
             whose mask is not of shape (k,), at the first update.
     """
     period = _period.check_period("every", every)
-    warmup = _options.check_int(
+    warmup = _period.check_int(
         "warmup_steps", warmup_steps, 0, "updates that all average before the period starts"
     )
     participation = _participation.check_participation(participation)
-    seed = _options.check_int("seed", seed, 0, "the seed of the participation draws")
+    seed = _period.check_int("seed", seed, 0, "the seed of the participation draws")
     inner = _learners.as_extra_args(learner_optimizer)
 
     def cast(tree):
@@ -140,7 +140,7 @@ def local_sgd(
             if participation is None:
                 mean = _learners.mean_over_learners(moved, axis_name)
                 return _learners.apply_to_learners(params, mean), mean
-            mine, n = _options.participants(participation, seed, state.count, params, axis_name)
+            mine, n = _participation.for_params(participation, seed, state.count, params, axis_name)
             total = _learners.sum_over_learners(_participation.masked(moved, mine), axis_name)
             mean = jax.tree.map(
                 lambda s, a: jnp.where(n > 0, s / n.astype(s.dtype), a), total, last
@@ -158,9 +158,4 @@ def _on_sync(count, period, warmup, sync_fn, operand):
     """`_period.on_sync` with the warm-up: with none (or period 1) that call as it is."""
     if (isinstance(period, int) and period == 1) or (isinstance(warmup, int) and warmup == 0):
         return _period.on_sync(count, period, sync_fn, operand)
-    if isinstance(warmup, int):
-        sync = _period.sync_branch(count, period, 1, warmup) > 0
-    else:  # set at run time (optax.inject_hyperparams): sync_branch takes an int warm-up
-        sync = (_period.sync_branch(count, period) > 0) | (count < warmup)
-    # on_sync decides by (count + 1) % period == 0: count 1 of period 2 syncs, count 0 not.
-    return _period.on_sync(sync.astype(jnp.int32), 2, sync_fn, operand)
+    return _period.on_pred(_period.sync_branch(count, period, 1, warmup) > 0, sync_fn, operand)

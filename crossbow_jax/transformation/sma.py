@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from crossbow_jax.transformation import _learners, _options, _participation, _period
+from crossbow_jax.transformation import _learners, _participation, _period
 
 
 class SMAState(NamedTuple):
@@ -169,7 +169,7 @@ def sma(
     _check_hyperparameters(alpha, momentum)
     period = _period.check_period("sync_every", sync_every)
     participation = _participation.check_participation(participation)
-    seed = _options.check_int("seed", seed, 0, "the seed of the participation draws")
+    seed = _period.check_int("seed", seed, 0, "the seed of the participation draws")
     inner = _learners.as_extra_args(learner_optimizer)
 
     def total_learners(params):
@@ -206,7 +206,7 @@ def sma(
             step, z, z_prev = operand
             corrections = jax.tree.map(lambda w, z: a * (w - z[None]), params, z)
             if participation is not None:
-                mine, _ = _options.participants(participation, seed, state.count, params, axis_name)
+                mine, _ = _participation.for_params(participation, seed, state.count, params, axis_name)
                 corrections = _participation.masked(corrections, mine)
             new_updates = jax.tree.map(lambda u, c: (u - c).astype(u.dtype), step, corrections)
             total = _learners.sum_over_learners(corrections, axis_name)
