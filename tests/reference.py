@@ -158,21 +158,18 @@ LEVELS = {"int8": 127, "int4": 7}
 
 
 def quantised(c, kind, block=256):
-    """What a device's contribution `c` (N,) arrives as: per leaf, blocks of `block` values
-    scaled by max|c| / levels and rounded (int8, int4), or rounded to bfloat16."""
+    """What a device's contribution `c` (the values it sends, end to end) arrives as:
+    blocks of `block` values scaled by max|c| / levels and rounded (int8, int4), or
+    rounded to bfloat16."""
     if kind == "bf16":
         import ml_dtypes
 
         return np.asarray(c, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
-    out = np.empty_like(c)
-    for cols in LEAVES:
-        x = c[cols]
-        pad = np.concatenate([x, np.zeros(-x.size % block)]).reshape(-1, block)
-        top = np.abs(pad).max(axis=1, keepdims=True)
-        scale = np.where(top > 0, top / LEVELS[kind], 1.0)
-        q = np.clip(np.round(pad / scale), -LEVELS[kind], LEVELS[kind]) * scale
-        out[cols] = q.reshape(-1)[: x.size]
-    return out
+    pad = np.concatenate([c, np.zeros(-c.size % block)]).reshape(-1, block)
+    top = np.abs(pad).max(axis=1, keepdims=True)
+    scale = np.where(top > 0, top / LEVELS[kind], 1.0)
+    q = np.clip(np.round(pad / scale), -LEVELS[kind], LEVELS[kind]) * scale
+    return q.reshape(-1)[: c.size]
 
 
 def diloco_options_reference(
@@ -218,12 +215,11 @@ def diloco_options_reference(
                     for d in range(devices):
                         rows = np.arange(d * m, (d + 1) * m)
                         rows = rows[who[rows]]
-                        c = len(rows) * theta - w_new[rows].sum(axis=0)
-                        c_all = np.where(np.isin(np.arange(n), cols), c + error[d], 0.0)
-                        sent = quantised(c_all, compress)
+                        c = (len(rows) * theta - w_new[rows].sum(axis=0) + error[d])[cols]
+                        sent = quantised(c, compress)  # the fragment's leaves, end to end
                         if error_feedback:
-                            error[d, cols] = c_all[cols] - sent[cols]
-                        total += sent
+                            error[d, cols] = c - sent
+                        total[cols] += sent
                     delta = total[cols] / who.sum()
                 if overlap:
                     pending = (cols, delta, np.flatnonzero(who))

@@ -74,6 +74,30 @@ def test_diloco_with_its_options_trains_and_resumes_exactly(tmp_path):
     assert resumed.accuracy == straight.accuracy > 0.9
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"algorithm": "sma", "participation": 0.5},
+        {"algorithm": "local_sgd", "sync_every": 4, "sync_warmup_steps": 4,
+         "participation": 0.75},
+        {"algorithm": "hierarchical", "sync_every": 4, "hosts": 2, "compress": "int4"},
+    ],
+    ids=["sma-participation", "local_sgd-warmup-participation", "hierarchical-int4"],
+)  # fmt: skip
+def test_the_other_members_options_train_in_the_engine(options):
+    result = crossbow_jax.train(MLP(), TRAIN, TEST, epochs=2, **options, **KW)
+    assert result.accuracy > 0.9
+    if options["algorithm"] == "local_sgd":  # 12 steps: t = 0..3 warm up, then 7 and 11
+        assert result.all_reduce_bytes == {
+            "devices": pytest.approx(PARAM_BYTES * 6 / 12 + METRIC_BYTES)
+        }
+    if options["algorithm"] == "hierarchical":  # 3 syncs in 12 steps, each int4-packed
+        values = PARAM_BYTES // 4  # 420, end to end: 2 blocks of 256, codes two a byte
+        sent = 2 * 256 // 2 + 2 * 4  # + a float32 scale a block
+        assert result.all_reduce_bytes["hosts"] == pytest.approx(sent * 3 / 12)
+        assert result.peak_bytes["hosts"] == sent and values == 420
+
+
 def test_bytes_all_reduced_per_step_follow_the_period():
     results = {
         (m["algorithm"], m.get("sync_every")): crossbow_jax.train(
