@@ -142,10 +142,10 @@ def hierarchical_reference(
             if compress is None:
                 delta = theta - z.mean(axis=0)
             else:
-                sent = np.stack([quantised(theta - z[h] + error[h], compress) for h in range(hosts)])
+                total, residual = compressed_sum(theta[None] - z + error, compress)
                 if error_feedback:
-                    error = theta[None] - z + error - sent
-                delta = sent.mean(axis=0)
+                    error = residual
+                delta = total / hosts
             outer_u, outer_buf = nesterov_sgd_step(delta, outer_buf, outer_lr, outer_beta)
             theta = theta + outer_u
             shift = theta[None] - z
@@ -158,9 +158,8 @@ LEVELS = {"int8": 127, "int4": 7}
 
 
 def quantised(c, kind, block=256):
-    """What a device's contribution `c` (the values it sends, end to end) arrives as:
-    blocks of `block` values scaled by max|c| / levels and rounded (int8, int4), or
-    rounded to bfloat16."""
+    """`c` as it arrives after quantisation: blocks of `block` values scaled by
+    max|c| / levels and rounded (int8, int4), or rounded to bfloat16."""
     if kind == "bf16":
         import ml_dtypes
 
@@ -170,6 +169,25 @@ def quantised(c, kind, block=256):
     scale = np.where(top > 0, top / LEVELS[kind], 1.0)
     q = np.clip(np.round(pad / scale), -LEVELS[kind], LEVELS[kind]) * scale
     return q.reshape(-1)[: c.size]
+
+
+def compressed_sum(contributions, kind, block=256):
+    """The sum over devices of their rows of `contributions` (D, n), each quantised, as a
+    reduce-scatter then an all-gather: every device's values (in D shards of whole blocks)
+    quantised, each shard's sum quantised again; and each device's residual (its own
+    rounding, plus that of the shard sum it owns)."""
+    devices, n = contributions.shape
+    shard = -(-n // (devices * block)) * block
+    padded = np.zeros((devices, devices * shard))
+    padded[:, :n] = contributions
+    sent = np.stack([quantised(row, kind, block) for row in padded])
+    sums = sent.sum(axis=0)
+    total = quantised(sums, kind, block)  # shard by shard: the shards are whole blocks
+    residual = padded - sent
+    for d in range(devices):
+        cols = slice(d * shard, (d + 1) * shard)
+        residual[d, cols] += sums[cols] - total[cols]
+    return total[:n], residual[:, :n]
 
 
 def diloco_options_reference(
@@ -210,17 +228,18 @@ def diloco_options_reference(
             if who.any():
                 if compress is None:
                     delta = theta[cols] - w_new[np.ix_(who, cols)].mean(axis=0)
-                else:
-                    total = np.zeros(n)
-                    for d in range(devices):
-                        rows = np.arange(d * m, (d + 1) * m)
-                        rows = rows[who[rows]]
-                        c = (len(rows) * theta - w_new[rows].sum(axis=0) + error[d])[cols]
-                        sent = quantised(c, compress)  # the fragment's leaves, end to end
-                        if error_feedback:
-                            error[d, cols] = c - sent
-                        total[cols] += sent
-                    delta = total[cols] / who.sum()
+                else:  # residuals are kept per participant: times n in, over n out
+                    count = who.sum()
+                    c = np.stack([
+                        (who[d * m:(d + 1) * m].sum() * theta
+                         - (w_new[d * m:(d + 1) * m] * who[d * m:(d + 1) * m, None]).sum(0)
+                         + count * error[d])[cols]
+                        for d in range(devices)
+                    ])  # fmt: skip
+                    total, residual = compressed_sum(c, compress)
+                    if error_feedback:
+                        error[:, cols] = residual / count
+                    delta = total / count
                 if overlap:
                     pending = (cols, delta, np.flatnonzero(who))
                 else:

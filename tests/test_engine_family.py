@@ -23,6 +23,7 @@ KW = {"learners_per_device": 2, "num_devices": 4, "batch_size": 16, "progress": 
       "execution": "unroll", "learning_rate": 0.1}  # fmt: skip
 PARAM_BYTES = 4 * (8 * 32 + 32 + 32 * 4 + 4)  # the MLP's float32 parameters
 METRIC_BYTES = 8  # loss and accuracy, averaged over the devices every step
+RING = 2 * 3 / 4  # a ring all-reduce over 4 devices sends 2 (D - 1) / D of its operand
 FAMILY = [
     {"algorithm": "sma", "sync_every": 4},
     {"algorithm": "local_sgd", "sync_every": 4},
@@ -89,13 +90,14 @@ def test_the_other_members_options_train_in_the_engine(options):
     assert result.accuracy > 0.9
     if options["algorithm"] == "local_sgd":  # 12 steps: t = 0..3 warm up, then 7 and 11
         assert result.all_reduce_bytes == {
-            "devices": pytest.approx(PARAM_BYTES * 6 / 12 + METRIC_BYTES)
+            "devices": pytest.approx(RING * (PARAM_BYTES * 6 / 12 + METRIC_BYTES))
         }
     if options["algorithm"] == "hierarchical":  # 3 syncs in 12 steps, each int4-packed
-        values = PARAM_BYTES // 4  # 420, end to end: 2 blocks of 256, codes two a byte
-        sent = 2 * 256 // 2 + 2 * 4  # + a float32 scale a block
-        assert result.all_reduce_bytes["hosts"] == pytest.approx(sent * 3 / 12)
-        assert result.peak_bytes["hosts"] == sent and values == 420
+        # 420 values end to end, padded to 2 hosts x 1 block of 256: int4 codes two a byte
+        # and a float32 scale a block, 264 bytes; the all_to_all sends the other host's
+        # half (132), the all_gather this host's summed block (132)
+        assert result.all_reduce_bytes["hosts"] == pytest.approx(264 * 3 / 12)
+        assert result.peak_bytes["hosts"] == 264
 
 
 def test_bytes_all_reduced_per_step_follow_the_period():
@@ -107,31 +109,32 @@ def test_bytes_all_reduced_per_step_follow_the_period():
     }
     runs = {key: r.all_reduce_bytes for key, r in results.items()}
     peaks = {key: r.peak_bytes for key, r in results.items()}
-    every = PARAM_BYTES + METRIC_BYTES
+    every = RING * (PARAM_BYTES + METRIC_BYTES)
     assert runs["sma", None] == peaks["sma", None] == {"devices": every}  # SMA's corrections
     assert runs["ssgd", None] == peaks["ssgd", None] == {"devices": every}  # the gradients
     # 12 steps, period 4: 3 syncs, so a quarter of the model per step on average; a sync
     # step sends the whole model.
-    quarter = PARAM_BYTES * 3 / 12 + METRIC_BYTES
+    quarter = RING * (PARAM_BYTES * 3 / 12 + METRIC_BYTES)
     for name in ("sma", "local_sgd", "diloco"):
         assert runs[name, 4] == {"devices": pytest.approx(quarter)}, name
         assert peaks[name, 4] == {"devices": every}, name
-    # SMA inside each host at every step, DiLoCo across the hosts every 4.
+    # SMA inside each host at every step, DiLoCo across the hosts every 4 (2 x 2: a ring
+    # of 2 sends its operand once; the metrics go round all 4 devices).
     assert runs["hierarchical", 4] == {
         "devices": PARAM_BYTES,
         "hosts": pytest.approx(PARAM_BYTES * 3 / 12),
-        "hosts,devices": METRIC_BYTES,
+        "hosts,devices": RING * METRIC_BYTES,
     }
     assert peaks["hierarchical", 4] == {
-        "devices": PARAM_BYTES, "hosts": PARAM_BYTES, "hosts,devices": METRIC_BYTES,
+        "devices": PARAM_BYTES, "hosts": PARAM_BYTES, "hosts,devices": RING * METRIC_BYTES,
     }  # fmt: skip
     # Each history row: its own steps' mean, and a whole model at its peak if a sync ran.
     start = 0
     for row in results["local_sgd", 4].history:
         syncs = sum((t + 1) % 4 == 0 for t in range(start, row["step"]))
-        mean = METRIC_BYTES + PARAM_BYTES * syncs / (row["step"] - start)
+        mean = RING * (METRIC_BYTES + PARAM_BYTES * syncs / (row["step"] - start))
         assert row["all_reduce_bytes"] == pytest.approx(mean), row
-        assert row["peak_bytes"] == (every if syncs else METRIC_BYTES), row
+        assert row["peak_bytes"] == pytest.approx(every if syncs else RING * METRIC_BYTES), row
         start = row["step"]
     assert start == 12
 

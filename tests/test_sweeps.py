@@ -26,7 +26,7 @@ def get_config(quick=False):
     fixed = {
         "model": "lenet", "dataset": "synthetic", "synthetic_like": "mnist",
         "train_examples": 64, "test_examples": 32, "batch_size": 8,
-        "learners_per_device": 2, "num_devices": 1, "epochs": 1, "steps_per_dispatch": 1,
+        "learners_per_device": 2, "num_devices": 2, "epochs": 1, "steps_per_dispatch": 1,
     }
     rates = [0.05, 0.01] if quick else [0.1, 0.05, 0.01, 0.005]
     return {

@@ -1,5 +1,5 @@
-"""Bytes per step read from traced programs (`engine/traffic.py`): every collective's payload
-by mesh axis, the sync schedule's branches apart, and the mean and peak step of a run."""
+"""Bytes per step read from traced programs (`engine/traffic.py`): what every collective makes
+one device send, by mesh axis, the sync schedule's branches apart, and the mean and peak step of a run."""
 
 
 import jax
@@ -22,53 +22,54 @@ def traced(f, mesh=None, steps=1):
     mesh = mesh or make_mesh(jax.devices()[:8])
     spec = P(mesh.axis_names)
     mapped = jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
-    return traffic.count(jax.make_jaxpr(mapped)(jnp.zeros((8 * N,), jnp.float32)), steps)
+    x = jnp.zeros((8 * N,), jnp.float32)
+    return traffic.count(jax.make_jaxpr(mapped)(x), steps, dict(mesh.shape))
 
 
 @pytest.mark.parametrize(
-    "collective",
-    [
-        lambda x: lax.psum(x, "devices"),
-        lambda x: lax.pmean(x, "devices"),
-        lambda x: lax.pmax(x, "devices"),
-        lambda x: lax.all_gather(x, "devices")[0],
-        lambda x: jnp.tile(lax.psum_scatter(x, "devices", tiled=True), 8),
-        lambda x: lax.ppermute(x, "devices", RING),
-        lambda x: lax.all_to_all(x, "devices", 0, 0, tiled=True),
+    "collective, sent",
+    [  # 64 bytes in, 8 devices: a ring all-reduce sends 2 * 7/8 of it, a gather 7 copies
+        (lambda x: lax.psum(x, "devices"), 112.0),
+        (lambda x: lax.pmean(x, "devices"), 112.0),
+        (lambda x: lax.pmax(x, "devices"), 112.0),
+        (lambda x: lax.all_gather(x, "devices")[0], 448.0),
+        (lambda x: jnp.tile(lax.psum_scatter(x, "devices", tiled=True), 8), 56.0),
+        (lambda x: lax.ppermute(x, "devices", RING), 64.0),
+        (lambda x: lax.all_to_all(x, "devices", 0, 0, tiled=True), 56.0),
     ],
     ids=["psum", "pmean", "pmax", "all_gather", "psum_scatter", "ppermute", "all_to_all"],
 )
-def test_every_collective_counts_the_bytes_one_device_puts_in(collective):
-    assert traced(collective) == traffic.Traffic({"devices": 4.0 * N}, ())
+def test_every_collective_counts_the_bytes_one_device_sends(collective, sent):
+    assert traced(collective) == traffic.Traffic({"devices": sent}, ())
 
 
 def test_operands_add_up_by_dtype_and_by_axis_label():
     def f(x):
-        both = lax.psum((x, x.astype(jnp.bfloat16)), "devices")  # 64 + 32 bytes
-        hosts = lax.psum(x[:4], "hosts")  # 16 bytes
-        everywhere = lax.pmean(x[0], ("hosts", "devices"))  # 4 bytes
+        both = lax.psum((x, x.astype(jnp.bfloat16)), "devices")  # 64 + 32 bytes, 4 devices
+        hosts = lax.psum(x[:4], "hosts")  # 16 bytes, 2 hosts
+        everywhere = lax.pmean(x[0], ("hosts", "devices"))  # 4 bytes, 8 devices
         return both[0] + hosts.sum() + everywhere
 
     mesh = make_mesh(jax.devices()[:8], hosts=2)
     assert traced(f, mesh) == traffic.Traffic(
-        {"devices": 96.0, "hosts": 16.0, "hosts,devices": 4.0}, ()
+        {"devices": 96.0 * 1.5, "hosts": 16.0 * 1.0, "hosts,devices": 4.0 * 1.75}, ()
     )
 
 
 def step(x, t):
     """One step: the mean loss every step, and a 3-branch switch on t (no sync, a sync of
     x, a sync of twice x plus a gather of x), as a 2-fragment DiLoCo would."""
-    loss = lax.pmean(x.sum(), "devices")  # 4 bytes
+    loss = lax.pmean(x.sum(), "devices")  # 4 bytes in: 7 sent
 
     def big(x):
-        twice = lax.psum(jnp.concatenate([x, x]), "devices")  # 128 bytes
-        return twice[:N] + lax.all_gather(x, "devices").sum(0)  # 64 bytes
+        twice = lax.psum(jnp.concatenate([x, x]), "devices")  # 128 bytes in: 224 sent
+        return twice[:N] + lax.all_gather(x, "devices").sum(0)  # 64 in: 448 sent
 
-    small = lambda x: lax.psum(x, "devices")  # 64 bytes
+    small = lambda x: lax.psum(x, "devices")  # 64 bytes in: 112 sent
     return lax.switch(t % 3, [lambda x: x, small, big], x) + loss
 
 
-SCHEDULE = traffic.Traffic({"devices": 4.0}, ({}, {"devices": 64.0}, {"devices": 192.0}))
+SCHEDULE = traffic.Traffic({"devices": 7.0}, ({}, {"devices": 112.0}, {"devices": 672.0}))
 
 
 def test_a_switch_counts_each_branch_apart_per_step_in_a_scan_or_unrolled():
@@ -91,18 +92,18 @@ def test_a_cond_with_the_same_collectives_in_every_branch_is_every_step_traffic(
         summed = lambda x: lax.psum(x, "devices")
         return lax.cond(x[0] > 0, summed, lambda x: -summed(x), x)
 
-    assert traced(f) == traffic.Traffic({"devices": 64.0}, ())
+    assert traced(f) == traffic.Traffic({"devices": 112.0}, ())
 
 
 def test_mean_and_peak_weigh_the_branches_by_the_steps_that_took_them():
     counts = branch_counts(0, 12, 4, fragments=2)  # fragment 0 at t = 3, 7, 11; 1 at 1, 5, 9
     assert counts == [6, 3, 3]
-    assert traffic.per_step(SCHEDULE, counts) == {"devices": 4 + (3 * 64 + 3 * 192) / 12}
-    assert traffic.peak(SCHEDULE, counts) == {"devices": 4 + 192}
+    assert traffic.per_step(SCHEDULE, counts) == {"devices": 7 + (3 * 112 + 3 * 672) / 12}
+    assert traffic.peak(SCHEDULE, counts) == {"devices": 7 + 672}
     counts = branch_counts(2, 4, 4, fragments=2)  # t = 2: nothing; t = 3: fragment 0
     assert counts == [1, 1, 0]
-    assert traffic.per_step(SCHEDULE, counts) == {"devices": 4 + 64 / 2}
-    assert traffic.peak(SCHEDULE, counts) == {"devices": 4 + 64}  # fragment 1 never ran
+    assert traffic.per_step(SCHEDULE, counts) == {"devices": 7 + 112 / 2}
+    assert traffic.peak(SCHEDULE, counts) == {"devices": 7 + 112}  # fragment 1 never ran
 
 
 def test_a_warm_up_of_every_step_syncs_raises_the_mean_and_sets_the_peak():

@@ -88,11 +88,13 @@ class Compiler:
         start, hits = time.perf_counter(), cache.cache_hits()
         if steps and hasattr(fn, "trace"):
             traced = fn.trace(*args)
-            self.traffic = traffic.count(traced.jaxpr, steps)
+            self.traffic = traffic.count(traced.jaxpr, steps, dict(self.mesh.shape))
             compiled = traced.lower().compile()
         else:
             if steps:  # pmap has no trace(): trace it apart
-                self.traffic = traffic.count(jax.make_jaxpr(fn)(*args), steps)
+                self.traffic = traffic.count(
+                    jax.make_jaxpr(fn)(*args), steps, dict(self.mesh.shape)
+                )
             compiled = fn.lower(*args).compile()
         self.seconds += time.perf_counter() - start
         self.programs, self.cached = self.programs + 1, self.cached + cache.cache_hits() - hits

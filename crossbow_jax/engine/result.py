@@ -58,17 +58,18 @@ class TrainResult:
             run's own steps: every measured candidate's images/s, the choice, what
             measuring cost ("seconds"), or the cached decision
             (`crossbow_jax.tuning.choice`); else None.
-        all_reduce_bytes: bytes one device put into collectives per training
+        all_reduce_bytes: bytes one device sends in collectives per training
             step, averaged over the run's steps, by mesh axis: "devices" (with
             hosts: "devices" inside a host, "hosts" across them, "hosts,devices"
             over all). Every collective counts (all-reduces, all-gathers,
-            reduce-scatters, permutes, all-to-alls), each by its operands: the
-            payload, not the bytes on the wire. Read from the compiled step
+            reduce-scatters, permutes, all-to-alls), each as its ring algorithm
+            sends it over the axis's D devices (an all-reduce of n bytes:
+            2 (D - 1) / D n; one device: 0). Read from the compiled step
             (`crossbow_jax.engine.traffic`); sync steps weigh by how many of the
             run's steps synchronised (each fragment apart).
-        peak_bytes: the most bytes one device put into collectives in any one
+        peak_bytes: the most bytes one device sends in collectives in any one
             step of the run, by mesh axis (each axis's busiest step: a sync
-            step when the run synchronised at all); same payload convention.
+            step when the run synchronised at all).
         preprocess: how the engine turns raw inputs (as passed to `train`)
             into model inputs: `preprocess(x, None)` (scale, normalise; no
             augmentation without a key).

@@ -1,12 +1,19 @@
 """Bytes one device sends in collectives per training step, read from the program itself.
 
-`count` walks the jaxpr of a dispatch and adds up the operands of every
-collective (`COLLECTIVES`) by the mesh axes it runs over: all-reduces (`psum`,
-so `pmean`, which is a `psum` and a division; `pmax`, `pmin`), `all_gather`,
-`psum_scatter` (`reduce_scatter`), `ppermute`, `all_to_all`. The figure of a
-collective is its payload: the bytes of the operands one device puts in. The
-bytes on the wire depend on the algorithm that runs it (a ring all-reduce
-sends about twice its payload; an all-gather delivers `devices` times it).
+`count` walks the jaxpr of a dispatch and adds up, by the mesh axes each runs
+over, what every collective (`COLLECTIVES`) makes one device send when it runs
+with the bandwidth-optimal (ring) algorithm over D devices, from the bytes n
+of the operands that device puts in:
+
+    all-reduce (psum, so pmean; pmax, pmin)   2 (D - 1) / D * n
+    all_gather                                (D - 1) * n
+    psum_scatter (reduce_scatter), all_to_all (D - 1) / D * n
+    ppermute                                  n
+
+so collectives of every kind compare: an all-reduce of a model sends about
+twice the model, gathering every device's copy of it sends D - 1 copies. One
+device sends nothing (D = 1). Another algorithm (a tree, a switch's in-network
+reduction) moves other bytes; these are the standard figures.
 
 Collectives inside a `lax.cond` or `lax.switch` run only on the steps that
 take their branch: the replica-averaging family's synchronisations, whose
@@ -54,17 +61,34 @@ def _label(axes: Any) -> str | None:
     return ",".join(names) if names else None
 
 
-def _payload(eqn) -> tuple[str, float] | None:
-    """(axis label, operand bytes) of a collective over named axes, else None."""
+def _share(name: str, devices: int) -> float:
+    """Bytes one device sends per byte it puts into collective `name` over `devices`."""
+    if name in _REDUCING:
+        return 2 * (devices - 1) / devices
+    if name in _GATHERING:
+        return devices - 1
+    if name in _SCATTERING or name in ("all_to_all", "ragged_all_to_all"):
+        return (devices - 1) / devices
+    return 1.0 if devices > 1 else 0.0
+
+
+def _sent(eqn, sizes: dict[str, int]) -> tuple[str, float] | None:
+    """(axis label, bytes one device sends) of a collective over named axes, else None."""
     name = eqn.primitive.name.removesuffix("_start")
     if name not in COLLECTIVES:
         return None
     label = _label(eqn.params.get("axes", eqn.params.get("axis_name")))
     if label is None:
         return None
+    devices = 1
+    for axis in label.split(","):
+        if axis not in sizes:
+            raise ValueError(f"collective over axis {axis!r}, which the mesh {sizes} lacks")
+        devices *= sizes[axis]
     # ragged_all_to_all's other operands are its output buffer and offsets
     operands = eqn.invars[:1] if name == "ragged_all_to_all" else eqn.invars
-    return label, float(sum(v.aval.size * v.aval.dtype.itemsize for v in operands))
+    n = float(sum(v.aval.size * v.aval.dtype.itemsize for v in operands))
+    return label, n * _share(name, devices)
 
 
 def _subjaxprs(value: Any):
@@ -94,18 +118,18 @@ def _add_branches(into: list[dict[str, float]], more: list[dict[str, float]]) ->
         _add(branch, bytes_)
 
 
-def _walk(jaxpr, times: float) -> tuple[dict[str, float], list[dict[str, float]]]:
+def _walk(jaxpr, times: float, sizes: dict[str, int]) -> tuple[dict[str, float], list]:
     """(bytes at every step, bytes per cond branch) of `jaxpr` run `times` times."""
     every: dict[str, float] = {}
     branches: list[dict[str, float]] = []
     for eqn in jaxpr.eqns:
-        payload = _payload(eqn)
-        if payload is not None:
-            _add(every, {payload[0]: payload[1]}, times)
+        sent = _sent(eqn, sizes)
+        if sent is not None:
+            _add(every, {sent[0]: sent[1]}, times)
         elif eqn.primitive.name == "cond":
             totals = []
             for branch in eqn.params["branches"]:
-                inner_every, inner = _walk(branch.jaxpr, times)
+                inner_every, inner = _walk(branch.jaxpr, times, sizes)
                 # a cond nested in a branch: its busiest branch (an upper bound)
                 _add(inner_every, max(inner, key=lambda b: sum(b.values()), default={}))
                 totals.append(inner_every)
@@ -118,13 +142,13 @@ def _walk(jaxpr, times: float) -> tuple[dict[str, float], list[dict[str, float]]
             inner_times = times * eqn.params.get("length", 1) if scan else times
             for value in eqn.params.values():
                 for sub in _subjaxprs(value):
-                    sub_every, sub_branches = _walk(sub, inner_times)
+                    sub_every, sub_branches = _walk(sub, inner_times, sizes)
                     _add(every, sub_every)
                     _add_branches(branches, sub_branches)
     return every, branches
 
 
-def count(jaxpr, steps: int) -> Traffic:
+def count(jaxpr, steps: int, sizes: dict[str, int]) -> Traffic:
     """The collectives' bytes of a program of `steps` training steps, per step.
 
     Each cond with collectives is taken as one step's branch of the sync schedule: a
@@ -134,8 +158,9 @@ def count(jaxpr, steps: int) -> Traffic:
     Args:
         jaxpr: the program's (closed) jaxpr, e.g. `jax.jit(f).trace(*args).jaxpr`.
         steps: training steps in one run of the program.
+        sizes: the mesh's axis sizes by name (`dict(mesh.shape)`).
     """
-    every, branches = _walk(getattr(jaxpr, "jaxpr", jaxpr), 1.0)
+    every, branches = _walk(getattr(jaxpr, "jaxpr", jaxpr), 1.0, dict(sizes))
     per_step_ = lambda d: {k: v / steps for k, v in d.items()}
     return Traffic(per_step_(every), tuple(per_step_(b) for b in branches))
 

@@ -1,21 +1,32 @@
 """Compressed outer gradients: what a device sends at an outer step, quantised.
 
 `compress` is None (the exact all-reduce, `lax.psum`), "bf16", "int8" or
-"int4". With compression every device quantises its own contribution `c`
-(with the residual `e` of its last quantisation added when error feedback is on),
-`lax.all_gather`s the quantised payload over the axis, and sums the dequantised
-payloads locally in float32, so the sum cannot overflow whatever the number of
-devices; the bytes moved are the payload's:
+"int4". With compression the sum over the devices of an axis is a
+reduce-scatter and an all-gather of quantised payloads, the two halves of a
+ring all-reduce, so each device sends about `2 (D - 1) / D` times the
+payload (D devices), as an all-reduce of the payload would:
 
-    bf16   c as bfloat16: 2 bytes a value
-    int8   blocks of `BLOCK` values (the leaves end to end), each scaled by max|c| / 127 (a float32 scale
+1. every device quantises its contribution `c` (its leaves end to end, plus
+   its residual when error feedback is on), cut into D shards; `lax.all_to_all`
+   hands shard i of every device to device i, which dequantises them and sums
+   in float32 (no overflow at any D);
+2. each device quantises its shard's sum; `lax.all_gather` gives every device
+   every shard's sum, dequantised: the total.
+
+Payloads:
+
+    bf16   the values as bfloat16: 2 bytes a value
+    int8   blocks of `BLOCK` values, each scaled by max|c| / 127 (a float32 scale
            a block) and rounded to int8: 1 byte a value + 4 bytes a block
     int4   the same with max|c| / 7, two values packed in a byte: 0.5 byte a
            value + 4 bytes a block
 
-Error feedback (Seide et al. 2014; Karimireddy et al. 2019, "EF-SGD") keeps
-`e <- (c + e) - dequantise(quantise(c + e))` per device and adds it to the next
-contribution, so what rounding drops is sent later rather than lost.
+Blocks run across leaves (a small leaf costs no padded block of its own, but
+shares its block's scale: with int4 a value under 1/14 of its block's largest
+rounds to 0, which error feedback sends later). Error feedback (Seide et al.
+2014; Karimireddy et al. 2019, "EF-SGD") keeps what rounding dropped, per
+device: its own contribution's rounding, plus the rounding of the shard sum it
+owns, and adds it to its next contribution.
 """
 
 from __future__ import annotations
@@ -42,6 +53,11 @@ def check_compress(compress: Any, error_feedback: Any = True) -> str | None:
         )
     if not isinstance(error_feedback, bool):
         raise TypeError(f"error_feedback={error_feedback!r} must be True or False")
+    if compress is None and not error_feedback:
+        raise ValueError(
+            "error_feedback=False does nothing without compress (nothing is rounded); "
+            "leave it out, or set compress='bf16', 'int8' or 'int4'"
+        )
     return compress
 
 
@@ -81,30 +97,44 @@ def dequantise(payload: tuple[jax.Array, ...], kind: str, like: jax.Array) -> ja
     return flat.reshape(lead + like.shape)
 
 
+def _split(payload: tuple[jax.Array, ...], parts: int) -> tuple[jax.Array, ...]:
+    """Each part of a payload with its leading axis cut into `parts` (one per shard)."""
+    return tuple(p.reshape((parts, -1) + p.shape[1:]) for p in payload)
+
+
 def compressed_sum(
     tree: Any, error: Any, kind: str, axis_name: Hashable | None
 ) -> tuple[Any, Any]:
-    """(the float32 sum over `axis_name` of every device's quantised `tree + error`,
-    this device's new residual, or None when `error` is None: no error feedback).
-
-    The leaves travel as one vector (blocks run across leaves, so a small leaf costs no
-    block of its own): one `all_gather` per part of the payload.
-    """
+    """(the float32 sum over `axis_name` of every device's quantised `tree + error`, this
+    device's new residual, or None when `error` is None: no error feedback); see above."""
     leaves, treedef = jax.tree.flatten(tree)
     flat = jnp.concatenate([x.reshape(-1).astype(jnp.float32) for x in leaves])
     if error is not None:
         flat = flat + jnp.concatenate([e.reshape(-1) for e in jax.tree.leaves(error)])
-    payload = quantise(flat, kind)
-    mine = dequantise(payload, kind, flat)
+    devices = 1 if axis_name is None else lax.axis_size(axis_name)
+    shard = -(-flat.size // (devices * BLOCK)) * BLOCK  # a whole number of blocks
+    padded = jnp.pad(flat, (0, devices * shard - flat.size))
+    sent = quantise(padded, kind)
+    mine = dequantise(sent, kind, padded)
+    pieces = _split(sent, devices)  # shard i of this device's payload
+    if axis_name is not None:
+        pieces = tuple(lax.all_to_all(p, axis_name, 0, 0, tiled=False) for p in pieces)
+    owned = jnp.sum(dequantise(pieces, kind, padded[:shard]), axis=0)  # one shard's sum
+    owned_sent = quantise(owned, kind)
+    owned_back = dequantise(owned_sent, kind, owned)
     if axis_name is None:
-        total = mine
+        sums = owned_back[None]
     else:
-        gathered = tuple(lax.all_gather(p, axis_name) for p in payload)
-        total = jnp.sum(dequantise(gathered, kind, flat), axis=0)
+        gathered = tuple(lax.all_gather(p, axis_name) for p in owned_sent)
+        sums = dequantise(gathered, kind, owned)
 
     def unflat(vector):
-        ends = np.cumsum([x.size for x in leaves])[:-1]
-        parts = jnp.split(vector, ends)
+        parts = jnp.split(vector[: flat.size], np.cumsum([x.size for x in leaves])[:-1])
         return treedef.unflatten([v.reshape(x.shape) for v, x in zip(parts, leaves)])
 
-    return unflat(total), (None if error is None else unflat(flat - mine))
+    if error is None:
+        return unflat(sums.reshape(-1)), None
+    index = 0 if axis_name is None else lax.axis_index(axis_name)
+    residual = (padded - mine).reshape(devices, shard)
+    residual = residual.at[index].add(owned - owned_back).reshape(-1)
+    return unflat(sums.reshape(-1)), unflat(residual)

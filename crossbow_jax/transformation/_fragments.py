@@ -2,8 +2,8 @@
 
 A layer is the leaves under one parent in the parameter tree (a Dense layer's
 kernel and bias); a leaf at the top of the tree is a layer of its own. Layers,
-in the tree's order, go to fragments in strided order: layer i to fragment
-i % F (Douillard et al. 2025, "Streaming DiLoCo": strided fragments spread
+in depth order (their paths with numbers compared as numbers: Dense_2 before
+Dense_10), go to fragments in strided order: layer i to fragment i % F (Douillard et al. 2025, "Streaming DiLoCo": strided fragments spread
 each fragment over the model's depth). Fragments therefore have similar sizes
 only where the layers do: a model whose one layer holds most of the weights
 keeps most of them in one fragment (`fragment_sizes` says).
@@ -11,6 +11,7 @@ keeps most of them in one fragment (`fragment_sizes` says).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -18,6 +19,13 @@ import jax
 
 def _layer_key(path: tuple) -> tuple:
     return tuple(path[:-1]) if len(path) > 1 else tuple(path)
+
+
+def _depth(layer: tuple) -> tuple:
+    """A layer's sort key: its path with numbers compared as numbers, so that Dense_2 comes
+    before Dense_10 (the tree's own order is alphabetical: Dense_10 first)."""
+    parts = re.split(r"(\d+)", jax.tree_util.keystr(layer))
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
 
 
 def assign(tree: Any, fragments: int) -> tuple[tuple[int, ...], ...]:
@@ -32,7 +40,8 @@ def assign(tree: Any, fragments: int) -> tuple[tuple[int, ...], ...]:
             f"leaves under one parent); use fragments <= {len(layers)}"
         )
     out: list[list[int]] = [[] for _ in range(fragments)]
-    for i, leaves in enumerate(layers.values()):
+    for i, key in enumerate(sorted(layers, key=_depth)):
+        leaves = layers[key]
         out[i % fragments].extend(leaves)
     return tuple(tuple(sorted(f)) for f in out)
 

@@ -197,5 +197,7 @@ def mean_over_learners(tree: Any, axis_name: Hashable | None, dtype: Any = None)
 
 
 def apply_to_learners(params: Any, target: Any) -> Any:
-    """Updates that move every learner onto `target` (one model, no learner axis)."""
-    return jax.tree.map(lambda w, t: (t[None] - w).astype(w.dtype), params, target)
+    """Updates that move every learner onto `target` (one model, no learner axis); the
+    difference is taken in the learners' dtype, `target` rounded to it first (exact where
+    a learner is within a factor 2 of `target`, else one rounding off in low precision)."""
+    return jax.tree.map(lambda w, t: t.astype(w.dtype)[None] - w, params, target)

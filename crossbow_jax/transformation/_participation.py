@@ -2,7 +2,8 @@
 
 `participation` is None (every learner, every sync), a probability p in (0, 1]
 (each learner drawn independently at each sync, from the run's seed and the
-update count: `jax.random.bernoulli(fold_in(key(seed), count), p, (k,))`), or a
+update count, in a stream of their own: `bernoulli(fold_in(fold_in(key(seed),
+_STREAM), count), p, (k,))`), or a
 function of the update count returning a 0/1 mask over all k learners (global
 order: device-major, then the learners on a device). The same `(seed, count)`
 gives the same draw on every device, so the devices agree on who takes part
@@ -22,6 +23,7 @@ from jax import lax
 from crossbow_jax.transformation import _learners
 
 Participation = float | Callable[[jax.Array], Any] | None
+_STREAM = 0x7061  # folded into the seed's key first: participation draws apart from others
 
 
 def check_participation(participation: Any) -> Participation:
@@ -53,7 +55,8 @@ def global_mask(participation: Participation, seed: int, count: jax.Array, k: in
                 f"mask of shape ({k},), one entry per learner on all devices"
             )
         return (mask != 0).astype(jnp.float32)
-    key = jax.random.fold_in(jax.random.key(seed), count)
+    # a stream of its own: not the keys the run draws from `seed` (init, dropout, data)
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _STREAM), count)
     return jax.random.bernoulli(key, participation, (k,)).astype(jnp.float32)
 
 

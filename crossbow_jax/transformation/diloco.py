@@ -231,10 +231,14 @@ def diloco(
             count_here = m if mask is None else jnp.sum(mask)
             mine = [count_here * t.astype(jnp.float32) - jnp.sum(x, 0, dtype=jnp.float32)
                     for t, x in zip(th, w)]  # fmt: skip
-            err = None if error is None else _fragments.take(error, idx)
+            # the residual is kept per participant (over n out, times n in), so what one
+            # sync's rounding dropped reaches theta whatever the next sync's count
+            err = None if error is None else [e * n for e in _fragments.take(error, idx)]
             total, err = _compress.compressed_sum(mine, err, compress, axis_name)
             delta = [(s / n).astype(t.dtype) for t, s in zip(th, total)]
-            return delta, (None if err is None else _fragments.put(error, idx, err))
+            if err is None:
+                return delta, None
+            return delta, _fragments.put(error, idx, [e / n for e in err])
 
         def take_outer_step(f, theta, outer_state, delta):
             """theta and the outer state after fragment f's outer step along `delta`."""
@@ -251,8 +255,8 @@ def diloco(
         def learners_onto(f, theta, upd, mask, plus_step):
             """Participants' fragment-f leaves onto theta (plus this update's step)."""
             idx = parts[f]
-            target = [
-                ((t[None] + s - w) if plus_step else (t[None] - w)).astype(w.dtype)
+            target = [  # in the learners' dtype, theta rounded to it first: lands exactly
+                (t.astype(w.dtype)[None] + s - w) if plus_step else (t.astype(w.dtype)[None] - w)
                 for t, s, w in zip(
                     _fragments.take(theta, idx), _fragments.take(s_leaves, idx),
                     _fragments.take(p_leaves, idx),

@@ -99,6 +99,12 @@ def hierarchical(
     period = _period.check_period("every", every)
     outer = check_outer(outer_optimizer)
     compress = _compress.check_compress(compress, error_feedback)
+    if compress is not None and host_axis is None:
+        raise ValueError(
+            f"compress={compress!r} compresses the outer step across hosts, and with "
+            "host_axis=None there is one host and no outer step; pass host_axis or leave "
+            "compress out"
+        )
     inside = sma(
         learner_optimizer, alpha=alpha, momentum=momentum, axis_name=axis_name,
         average_dtype=average_dtype,

@@ -113,6 +113,11 @@ def local_sgd(
     warmup = _period.check_int(
         "warmup_steps", warmup_steps, 0, "updates that all average before the period starts"
     )
+    if isinstance(warmup, int) and warmup and isinstance(period, int) and period == 1:
+        raise ValueError(
+            f"warmup_steps={warmup} does nothing with every=1 (every update averages "
+            "already); leave it out or raise every"
+        )
     participation = _participation.check_participation(participation)
     seed = _period.check_int("seed", seed, 0, "the seed of the participation draws")
     inner = _learners.as_extra_args(learner_optimizer)
