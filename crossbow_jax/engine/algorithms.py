@@ -23,8 +23,9 @@ PARTICIPANTS = ("sma", "local_sgd", "diloco")  # the algorithms with partial par
 
 HELP = {
     "fragments": "diloco: split the model into F fragments, each synchronised every sync_every "
-    "updates at its own offset (Streaming DiLoCo), so one outer step all-reduces 1/F of the "
-    "model; F must divide sync_every (default: 1, the whole model at once)",
+    "updates at its own offset (Streaming DiLoCo), so one outer step moves one fragment "
+    "(whole layers, strided: sizes follow the layers); F must divide sync_every (default: "
+    "1, the whole model at once)",
     "compress": "diloco, hierarchical: quantise the outer step's all-reduce to bf16, int8 or "
     "int4 (default: none, float32)",
     "error_feedback": "with compress: carry each device's quantisation error into its next "
@@ -32,9 +33,9 @@ HELP = {
     "participation": "sma, local_sgd, diloco: the chance that a learner takes part in a "
     "synchronisation, drawn for every learner at every sync from the seed (default: none, "
     "every learner; the transformations also take a function: docs/sma.md)",
-    "overlap": "diloco: 1 lets the outer step's all-reduce run during the next inner update "
-    "and applies it one update late (Streaming DiLoCo); needs sync_every / fragments >= 2 "
-    "(default: 0, applied at once)",
+    "overlap": "diloco: 1 applies each outer step one inner update after its sync "
+    "(Streaming DiLoCo's delay; it hides no communication yet: docs/sma.md); needs "
+    "sync_every / fragments >= 2 (default: 0, applied at once)",
     "sync_warmup_steps": "local_sgd: average at every update for the first K updates, then "
     "every sync_every (post-local SGD)",
 }
@@ -124,8 +125,8 @@ def check_family_options(config) -> None:
             per = f"sync_every={every}" + (f" with fragments={config.fragments}"
                                            if config.fragments > 1 else "")  # fmt: skip
             raise ConfigError(
-                f"overlap={config.overlap} runs an outer all-reduce during the next inner "
-                f"update, so it needs 2 or more updates between syncs (sync_every / fragments),"
+                f"overlap={config.overlap} applies an outer step one update after its sync, "
+                f"so it needs 2 or more updates between syncs (sync_every / fragments),"
                 f" not {per}: raise sync_every, or leave overlap out"
             )
     if config.sync_warmup_steps:

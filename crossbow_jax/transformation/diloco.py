@@ -29,9 +29,11 @@ Options, each off by default (then the program is the one above):
   count: `delta = theta - mean over participants of w'_j`, participants restart
   from the new `theta`, the others keep `w'_j` (they missed the sync) and take
   part again at a later one. A sync with no participant changes nothing.
+  With compression, each device's rounding residual is kept per participant.
 - `overlap=1`: the outer gradient issued at a sync step is applied one inner
-  step later, so its collective has that step's compute to hide behind
-  (Streaming DiLoCo's delay of one step): at the sync step the learners keep
+  step later (Streaming DiLoCo's delay of one step; the collective still runs
+  inside the sync step's conditional, so no communication is hidden yet):
+  at the sync step the learners keep
   `w'_j`; at the next step `theta` takes the outer step and each participant
   becomes `theta + u_j` (its inner step of the delay kept).
 """
