@@ -13,6 +13,10 @@ BLOCK = re.compile(r"```python\n(.*?)```", re.S)
 DOCTEST_MODULES = [
     "crossbow_jax.transformation.sma",
     "crossbow_jax.transformation.ssgd",
+    "crossbow_jax.transformation.local_sgd",
+    "crossbow_jax.transformation.diloco",
+    "crossbow_jax.transformation.hierarchical",
+    "crossbow_jax.transformation._fragments",
 ]
 
 

@@ -196,6 +196,12 @@ def test_bad_family_settings_are_refused_before_any_work(options, message, monke
         crossbow_jax.train(MLP(), TRAIN, TEST, epochs=1, **dict(KW, **options))
 
 
+def test_more_fragments_than_the_model_has_layers_are_refused_before_training():
+    with pytest.raises(ConfigError, match=r"fragments=4 but the parameters have 2 layers"):
+        crossbow_jax.train(MLP(), TRAIN, TEST, epochs=1, algorithm="diloco", sync_every=4,
+                           fragments=4, **KW)  # fmt: skip
+
+
 def test_the_family_options_round_trip_and_an_old_run_folder_has_them_at_their_defaults():
     config = make_config(**DILOCO, fragments=2, compress="int4", error_feedback=False,
                          participation=0.75, overlap=1)  # fmt: skip

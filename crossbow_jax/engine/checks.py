@@ -25,6 +25,7 @@ from crossbow_jax.engine.plan import Layout
 from crossbow_jax.engine.task import RESERVED, LossFn, MetricsFn, Task
 from crossbow_jax.models import get_spec
 from crossbow_jax.models.adapters import LinenModel, Model, NNXModel
+from crossbow_jax.transformation import fragment_sizes
 
 DEFAULT_LOSS = "the default loss is softmax cross-entropy on integer class labels"
 
@@ -53,7 +54,17 @@ def check_run(
     named = getattr(model, "registry", None)
     check_values(data, task, outputs.shape[-1] if default else None, named=named)
     check_optimizer(optimizer, params, model.variables(params, state))
+    check_fragments(config, params)
     return task
+
+
+def check_fragments(config: TrainConfig, params: Any) -> None:
+    """DiLoCo's fragments against the model: at most one fragment a layer."""
+    if config.algorithm == "diloco" and config.fragments > 1:
+        try:
+            fragment_sizes(params, config.fragments)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def _run_model(model: Model, sample, data: Arrays):

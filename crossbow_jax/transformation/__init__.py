@@ -2,6 +2,7 @@
 local SGD, DiLoCo, SMA inside / DiLoCo across hosts) and the SSGD baseline."""
 
 from crossbow_jax.transformation.central import central_params
+from crossbow_jax.transformation._fragments import fragment_sizes
 from crossbow_jax.transformation.diloco import DiLoCoState, diloco
 from crossbow_jax.transformation.hierarchical import HierarchicalState, hierarchical
 from crossbow_jax.transformation.local_sgd import LocalSGDState, local_sgd
@@ -16,6 +17,7 @@ __all__ = [
     "SSGDState",
     "central_params",
     "diloco",
+    "fragment_sizes",
     "hierarchical",
     "local_sgd",
     "sma",

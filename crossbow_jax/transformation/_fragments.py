@@ -47,7 +47,20 @@ def assign(tree: Any, fragments: int) -> tuple[tuple[int, ...], ...]:
 
 
 def fragment_sizes(tree: Any, fragments: int) -> list[int]:
-    """The number of values (per learner) in each fragment of `tree`."""
+    """The number of values in each of `fragments` fragments of a parameter tree, as
+    `diloco(..., fragments=F)` splits it (`crossbow_jax.transformation.fragment_sizes`).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from crossbow_jax.transformation import fragment_sizes
+        >>> params = {"Dense_0": {"kernel": jnp.zeros((8, 32)), "bias": jnp.zeros(32)},
+        ...           "Dense_1": {"kernel": jnp.zeros((32, 4)), "bias": jnp.zeros(4)}}
+        >>> fragment_sizes(params, 2)
+        [288, 132]
+
+    Raises:
+        ValueError: more fragments than layers.
+    """
     leaves = jax.tree.leaves(tree)
     return [sum(leaves[i].size for i in f) for f in assign(tree, fragments)]
 
