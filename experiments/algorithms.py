@@ -122,7 +122,7 @@ def get_config(quick: bool = False) -> dict:
                 "series": "family",
                 "where": {"option": "-"},
                 "logx": True,
-                "title": "bytes all-reduced per step, one device",
+                "title": "bytes one device sends per step (mean)",
                 "ylim": (0, None),
             },
             {

@@ -73,7 +73,9 @@ def summarise(rows: list[dict[str, Any]], figure: str) -> str:
     diverged = sum(value(r, "status") == "diverged" for r in rows)
     found = numbers(rows, figure)
     if not found:
-        return f"diverged ({diverged}/{n})" if diverged else f"not reached (0/{n})"
+        if diverged:
+            return f"diverged ({diverged}/{n})"
+        return f"not reached (0/{n})" if "target" in figure else f"not recorded (0/{n})"
     mean = statistics.fmean(found)
     text = _number(mean, figure)
     if len(found) > 1:
