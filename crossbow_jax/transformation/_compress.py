@@ -97,6 +97,11 @@ def dequantise(payload: tuple[jax.Array, ...], kind: str, like: jax.Array) -> ja
     return flat.reshape(lead + like.shape)
 
 
+def float32_zeros(tree: Any) -> Any:
+    """float32 zeros shaped like `tree`'s leaves: a residual (or outer gradient) of nothing yet."""
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
+
+
 def _split(payload: tuple[jax.Array, ...], parts: int) -> tuple[jax.Array, ...]:
     """Each part of a payload with its leading axis cut into `parts` (one per shard)."""
     return tuple(p.reshape((parts, -1) + p.shape[1:]) for p in payload)

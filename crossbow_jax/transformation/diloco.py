@@ -189,14 +189,13 @@ def diloco(
             outer_state = outer.init(theta)
         else:
             outer_state = tuple(outer.init(_fragments.take(leaves, f)) for f in parts)
-        like = lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), theta)  # noqa: E731
         return DiLoCoState(
             _learners.init_per_learner(inner, params),
             theta,
             outer_state,
             jnp.zeros([], jnp.int32),
-            like() if compress and error_feedback else None,
-            like() if overlap else None,
+            _compress.float32_zeros(theta) if compress and error_feedback else None,
+            _compress.float32_zeros(theta) if overlap else None,  # the pending outer gradient
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -213,7 +212,7 @@ def diloco(
         def who(count):
             if participation is None:
                 return None, jnp.float32(m * devices)
-            return _participation.local_mask(participation, seed, count, m, axis_name, devices)
+            return _participation.for_params(participation, seed, count, params, axis_name)
 
         def outer_gradient(f, theta, error, mask, n):
             """delta over fragment f's leaves, and this device's new residual (or None)."""

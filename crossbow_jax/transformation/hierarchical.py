@@ -122,7 +122,7 @@ def hierarchical(
             theta = sma_state.z
         error = None
         if compress and error_feedback:
-            error = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), theta)
+            error = _compress.float32_zeros(theta)
         count = jnp.zeros([], jnp.int32)
         return HierarchicalState(sma_state, theta, outer.init(theta), count, error)
 
